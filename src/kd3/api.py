@@ -1,0 +1,205 @@
+"""The library entry points the CLI calls: train a teacher, distil a student, evaluate a model."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kd3.methods  # noqa: F401  (registers every method)
+from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, from_dict, load_config, save_config, to_dict
+from kd3.data.augment import CropFlip, Normalizer
+from kd3.data.pool import Pool
+from kd3.data.pools import load_or_build_pool
+from kd3.data.sources import LabelledData, load_source
+from kd3.engine import checkpoint
+from kd3.engine.evaluate import EvalResult, evaluate, predict_logits
+from kd3.engine.export import export_torchscript, load_torchscript
+from kd3.engine.trainer import Provenance, RunResult, Trainer, resolve_device
+from kd3.methods.base import DistillContext, Method, get_method
+from kd3.models import create_model
+from kd3.models.base import Net
+from kd3.paths import cache_dir, expand
+from kd3.teacher import TeacherInfo, load_teacher, save_teacher
+
+
+def new_run_dir(output_dir: str, name: str) -> Path:
+    run_dir = Path(output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = run_dir.with_name(f"{run_dir.name.split('+')[0]}+{suffix}")
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def method_options(method_cls: type[Method], values: dict[str, Any]) -> Any:
+    options = {k: v for k, v in values.items() if k != "name"}
+    return from_dict(method_cls.Options, options, prefix="method.")
+
+
+def _setup(train_seed: int, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint.seed_everything(train_seed)
+
+
+def _prepare_run(cfg: Any, resume: Path | None) -> Path:
+    if resume is None:
+        run_dir = new_run_dir(cfg.output_dir, cfg.name)
+        save_config(cfg, run_dir / "config.yaml")
+        return run_dir
+    if not (resume / "last.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume}: no last.pt there (is it a kd3 run directory?)")
+    return resume
+
+
+def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_after: int | None = None) -> tuple[Path, TeacherInfo]:
+    """Train a teacher with labels (crop+flip recipe) and save a checkpoint with its record."""
+    run_dir = _prepare_run(cfg, resume)
+    _setup(cfg.train.seed, cfg.train.threads)
+    train, val, test = load_source(cfg.data), load_source(cfg.val_data), load_source(cfg.test_data)
+    in_channels, image_size = train.images.shape[1], train.images.shape[-1]
+    net = create_model(cfg.model, num_classes=len(train.classes), in_channels=in_channels, image_size=image_size)
+    device = resolve_device(cfg.train.device)
+    ctx = DistillContext(teacher=None, images=train.images, labels=train.labels,
+                         normalize=Normalizer(train.mean, train.std),
+                         augment=CropFlip(cfg.augment.padding, cfg.augment.flip), num_classes=len(train.classes),
+                         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=device,
+                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress)
+    supervised = get_method("supervised")
+    method = supervised(net, ctx, method_options(supervised, {})).to(device)
+    trainer = Trainer(method, cfg.train, run_dir, eval_data=test, show_progress=cfg.progress)
+    if resume is not None:
+        trainer.resume()
+    result = trainer.fit(stop_after=stop_after)
+    val_result = evaluate(net, val.images, val.labels, ctx.normalize, device)
+    info = TeacherInfo(arch=cfg.model, num_classes=len(train.classes), in_channels=in_channels, image_size=image_size,
+                       classes=list(train.classes), mean=list(train.mean), std=list(train.std), data=cfg.data,
+                       test_accuracy=result.accuracy, val_accuracy=val_result.accuracy, recipe=to_dict(cfg))
+    output = expand(cfg.output)
+    save_teacher(output, net.cpu(), info)
+    return output, info
+
+
+def prepare_teacher(cfg: DistillConfig) -> tuple[Net, TeacherInfo]:
+    """Load the configured teacher; train it first (once, cached) when a recipe is given and it is missing."""
+    path = expand(cfg.teacher.checkpoint)
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint is empty: give a kd3 teacher checkpoint "
+                          "(make one with `kd3 train-teacher configs/teachers/fashion-lenet5_bn.yaml`)")
+    if not path.is_file():
+        if not cfg.teacher.recipe:
+            raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with "
+                                    "`kd3 train-teacher CONFIG` or set teacher.recipe=CONFIG to train it on first use")
+        print(f"Teacher {path} not found: training it once from {cfg.teacher.recipe} (cached for later runs)")
+        recipe = load_config(TeacherTrainConfig, cfg.teacher.recipe, [f"output={cfg.teacher.checkpoint}"])
+        train_teacher(replace(recipe, output_dir=str(Path(cfg.output_dir) / "teachers"), progress=cfg.progress))
+    return load_teacher(path)
+
+
+def load_pool(cfg: DistillConfig) -> Pool:
+    p = cfg.pool
+    if p.name == "file":
+        if not p.path:
+            raise ConfigError("pool.name=file needs pool.path=<the .npz written by `kd3 data ingest`>")
+        pool = Pool.load(Path(p.path))
+    else:
+        pool = load_or_build_pool(p.name, cache_dir(), size=p.size, irrelevant_fraction=p.irrelevant_fraction,
+                                  variant=p.variant, seed=p.seed)
+    if p.oracle:
+        if not pool.has_provenance:
+            raise ConfigError("pool.oracle=true needs a pool with provenance (a built benchmark pool)")
+        pool = pool.subset(np.flatnonzero(pool.relevant))
+    return pool
+
+
+def _provenance(pool: Pool, teacher: Net, normalize: Normalizer, device: torch.device) -> Provenance | None:
+    if not pool.has_provenance:
+        return None
+    predicted = predict_logits(teacher, pool.images, normalize, device).argmax(1).numpy()
+    return Provenance(relevant=pool.relevant, source=pool.source,
+                      teacher_correct=pool.relevant & (predicted == pool.true_label))
+
+
+def build_distillation(cfg: DistillConfig) -> tuple[Method, LabelledData, Provenance | None, TeacherInfo]:
+    teacher, info = prepare_teacher(cfg)
+    device = resolve_device(cfg.train.device)
+    teacher = teacher.to(device)
+    method_cls = get_method(cfg.method.get("name", ""))
+    options = method_options(method_cls, cfg.method)
+    normalize = Normalizer(tuple(info.mean), tuple(info.std))
+    provenance, labels = None, None
+    if method_cls.uses_original_data:
+        original = load_source(info.data)
+        images, labels = original.images, original.labels
+    else:
+        pool = load_pool(cfg)
+        images = pool.images
+        provenance = _provenance(pool, teacher, normalize, device)
+    if tuple(images.shape[1:]) != (info.in_channels, info.image_size, info.image_size):
+        raise ValueError(f"training images are {tuple(images.shape[1:])} but the teacher expects "
+                         f"{(info.in_channels, info.image_size, info.image_size)}; rebuild the pool with matching "
+                         "--size/--channels")
+    eval_data = load_source(cfg.eval_data)
+    ctx = DistillContext(teacher=teacher, images=images, labels=labels, normalize=normalize,
+                         augment=CropFlip(cfg.augment.padding, cfg.augment.flip), num_classes=info.num_classes,
+                         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=device,
+                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress)
+    student = create_model(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels,
+                           image_size=info.image_size)
+    method = method_cls(student, ctx, options).to(device)
+    if cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+    return method, eval_data, provenance, info
+
+
+def distill(cfg: DistillConfig, resume: Path | None = None, stop_after: int | None = None) -> RunResult:
+    """Distil a student; with ``resume`` continue the run in that directory from its last.pt."""
+    if resume is not None:
+        cfg = load_config(DistillConfig, resume / "config.yaml")
+    run_dir = _prepare_run(cfg, resume)
+    _setup(cfg.train.seed, cfg.train.threads)
+    method, eval_data, provenance, info = build_distillation(cfg)
+    trainer = Trainer(method, cfg.train, run_dir, eval_data=eval_data, provenance=provenance,
+                      show_progress=cfg.progress)
+    if resume is not None:
+        trainer.resume()
+    result = trainer.fit(stop_after=stop_after)
+    if result.epochs == cfg.train.epochs:
+        export_student(method, info, run_dir / "student.ts")
+    return result
+
+
+def export_student(method: Method, info: TeacherInfo, path: Path) -> Path:
+    example = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+    meta = {"mean": info.mean, "std": info.std, "classes": info.classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "method": method.name}
+    return export_torchscript(method.deployable(), example, meta, path)
+
+
+def load_any_model(path: Path) -> tuple[torch.nn.Module, Normalizer, int, int]:
+    """A teacher checkpoint, an exported student (.ts) or a run directory (its student.ts)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.ts"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (give a teacher .pt, a student .ts or a finished run directory)")
+    if path.suffix == ".ts":
+        module, meta = load_torchscript(path)
+        return module, Normalizer(tuple(meta["mean"]), tuple(meta["std"])), meta["in_channels"], meta["image_size"]
+    net, info = load_teacher(path)
+    return net, Normalizer(tuple(info.mean), tuple(info.std)), info.in_channels, info.image_size
+
+
+def evaluate_file(path: Path, data: str, device: str = "auto") -> EvalResult:
+    model, normalize, channels, size = load_any_model(path)
+    labelled = load_source(data)
+    if tuple(labelled.images.shape[1:]) != (channels, size, size):
+        raise ValueError(f"{data} images are {tuple(labelled.images.shape[1:])}, the model expects {(channels, size, size)}")
+    dev = resolve_device(device)
+    return evaluate(model.to(dev), labelled.images, labelled.labels, normalize, dev)

@@ -1,0 +1,188 @@
+"""Config schema (dataclasses), YAML loading and ``key=value`` overrides.
+
+Every run saves its resolved config, so a result can always be traced to the exact settings.
+Unknown keys and wrongly typed values are rejected with the list of valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class AugmentConfig:
+    padding: int = 2  # random crop after zero padding by this many pixels
+    flip: bool = True  # horizontal flip; turn off for digits and text
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # "step" (×gamma at the milestones) or "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])  # fractions of epochs
+    gamma: float = 0.1
+    amp: bool = False  # bf16 torch.autocast
+    channels_last: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    eval_every: int = 1  # evaluate on the eval split every N epochs (and always after the last)
+
+
+@dataclass
+class TeacherRef:
+    checkpoint: str = ""  # path to a teacher checkpoint; "{cache}" expands to kd3's cache folder
+    recipe: str = ""  # a train-teacher config that makes the checkpoint when it is missing
+
+
+@dataclass
+class PoolConfig:
+    name: str = "fashion-wild"  # a builder (fashion-wild, digits-wild) or "file" for an ingested .npz
+    path: str = ""  # with name=file: the .npz written by `kd3 data ingest`
+    size: int = 20000
+    irrelevant_fraction: float = 0.7
+    variant: str = "default"  # default or hard
+    seed: int = 0
+    oracle: bool = False  # keep only truly relevant images (uses provenance: a reference, not a method)
+
+
+@dataclass
+class DistillConfig:
+    name: str = "distill"
+    output_dir: str = "runs"
+    student: str = "lenet5_half_bn"
+    eval_data: str = "fashion-mnist:test"
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "blind_kd"})
+    progress: bool = True
+
+
+@dataclass
+class TeacherTrainConfig:
+    name: str = "teacher"
+    model: str = "lenet5_bn"
+    data: str = "fashion-mnist:o-train"
+    val_data: str = "fashion-mnist:o-val"
+    test_data: str = "fashion-mnist:test"
+    output: str = "{cache}/teachers/fashion-lenet5_bn.pt"
+    output_dir: str = "runs"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    progress: bool = True
+
+
+C = TypeVar("C")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys here: {valid}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=0.1`` -> (["train", "lr"], 0.1); values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (presets live under configs/)")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    try:
+        return from_dict(cls, apply_overrides(values, list(overrides)))
+    except ConfigError as error:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + str(error)) from None
+
+
+def save_config(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

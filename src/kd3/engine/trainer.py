@@ -1,0 +1,193 @@
+"""The one training loop every method runs in.
+
+It owns the optimizer, schedule, AMP, checkpoints, resume, logging and evaluation; the method
+decides what data an epoch trains on and what the losses are.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd3.config import TrainConfig
+from kd3.data.sources import LabelledData
+from kd3.engine import checkpoint
+from kd3.engine.evaluate import EvalResult, evaluate
+from kd3.engine.logging import MetricsLog
+from kd3.engine.selection_metrics import selection_metrics
+from kd3.methods.base import Batch, Method
+from kd3.utils.progress import progress
+
+
+@dataclass
+class Provenance:
+    """Per-pool-image truth used only for measuring selections."""
+
+    relevant: np.ndarray
+    source: np.ndarray
+    teacher_correct: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    accuracy: float
+    accuracy_se: float
+    wall_time: float
+    images_seen: int
+    images_per_second: float
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate during ``epoch`` (0-based)."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "step":
+        passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+        return cfg.gamma**passed
+    raise ValueError(f"train.schedule={cfg.schedule!r}; valid: step, cosine")
+
+
+class Trainer:
+    def __init__(self, method: Method, cfg: TrainConfig, run_dir: Path, eval_data: LabelledData | None = None,
+                 provenance: Provenance | None = None, show_progress: bool = True):
+        self.method = method
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.eval_data = eval_data
+        self.provenance = provenance
+        self.show_progress = show_progress
+        self.device = method.ctx.device
+        self.optimizer = torch.optim.SGD(method.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
+        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.start_epoch = 0
+        self.elapsed = 0.0
+        self.images_seen = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, epoch: int) -> None:
+        checkpoint.atomic_save({
+            "epoch": epoch,
+            "method": self.method.state_dict(),
+            "method_state": self.method.method_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "elapsed": self.elapsed,
+            "images_seen": self.images_seen,
+        }, self.run_dir / "last.pt")
+
+    def resume(self) -> None:
+        state = checkpoint.load(self.run_dir / "last.pt")
+        self.method.load_state_dict(state["method"])
+        self.method.load_method_state(state["method_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"]
+        self.elapsed = state["elapsed"]
+        self.images_seen = state["images_seen"]
+        self.log.truncate_after(self.start_epoch)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.amp:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _batches(self, indices: torch.Tensor):
+        order = indices[torch.randperm(len(indices))]
+        size = self.cfg.batch_size
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            if len(chunk) < 2 and start > 0:
+                continue  # a batch of one breaks BatchNorm; its image comes back next epoch
+            yield Batch(indices=chunk, images=self.method.ctx.images[chunk].to(self.device, non_blocking=True))
+
+    def evaluate(self) -> EvalResult | None:
+        if self.eval_data is None:
+            return None
+        return evaluate(self.method.deployable(), self.eval_data.images, self.eval_data.labels,
+                        self.method.ctx.normalize, self.device)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        method = self.method
+        plan = method.begin_epoch(epoch)
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        if plan.indices is not None and self.provenance is not None:
+            p = self.provenance
+            record["selection"] = selection_metrics(plan.indices, p.relevant, p.source, p.teacher_correct)
+        method.train()
+        batches = self._batches(plan.indices) if plan.indices is not None else (None for _ in range(plan.steps))
+        total_steps = math.ceil(plan.size / self.cfg.batch_size) if plan.indices is not None else plan.steps
+        sums: dict[str, float] = {}
+        steps, seen, started = 0, 0, time.perf_counter()
+        bar = progress(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=self.show_progress,
+                       total=total_steps)
+        for batch in bar:
+            with self._autocast():
+                losses = method.training_step(batch)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} ({losses}); "
+                                         "lower train.lr or check the teacher checkpoint")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            steps += 1
+            seen += len(batch.indices) if batch is not None else self.cfg.batch_size
+            if steps % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        seconds = time.perf_counter() - started
+        self.scheduler.step()
+        record.update({f"loss_{k}": v / max(steps, 1) for k, v in sums.items()})
+        record["loss"] = sum(sums.values()) / max(steps, 1)
+        record.update(train_images=seen, epoch_time=seconds, images_per_s=seen / max(seconds, 1e-9))
+        record.update(method.epoch_metrics())
+        self.images_seen += seen
+        return record
+
+    def fit(self, stop_after: int | None = None) -> RunResult:
+        """Train to ``cfg.epochs``; ``stop_after`` ends the call after that many epochs in total,
+        as a crash would (the run continues with ``resume``)."""
+        last_eval: EvalResult | None = None
+        history = self.log.read()
+        end = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
+        for epoch in range(self.start_epoch, end):
+            started = time.perf_counter()
+            record = self.train_epoch(epoch)
+            if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+                last_eval = self.evaluate()
+                if last_eval is not None:
+                    record.update(test_acc=last_eval.accuracy, test_loss=last_eval.loss)
+            self.elapsed += time.perf_counter() - started
+            record["elapsed"] = self.elapsed
+            self.log.write(record)
+            history.append(record)
+            self.save(epoch + 1)
+        if last_eval is None:
+            last_eval = self.evaluate()
+        accuracy = last_eval.accuracy if last_eval else float("nan")
+        return RunResult(
+            run_dir=self.run_dir, accuracy=accuracy, accuracy_se=last_eval.standard_error if last_eval else float("nan"),
+            wall_time=self.elapsed, images_seen=self.images_seen,
+            images_per_second=self.images_seen / max(sum(r["epoch_time"] for r in history), 1e-9),
+            epochs=end, history=history)

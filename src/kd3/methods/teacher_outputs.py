@@ -1,0 +1,52 @@
+"""Teacher logits for a training batch: from a cache of fixed views, or a forward pass per step.
+
+Shared by every method that distils logits on pool images (blind KD, DFND, references).
+"""
+from __future__ import annotations
+
+import torch
+
+from kd3.data.augment import FixedViews
+from kd3.methods.base import Batch, DistillContext
+from kd3.utils.progress import progress
+
+
+class TeacherLogits:
+    """Produces (student input, teacher logits) for a batch of pool images.
+
+    With ``num_views > 0`` the teacher runs once over K fixed augmented views of the whole pool
+    (lazily, on first use) and each step draws one cached view per image; with 0 the teacher
+    runs on a fresh random augmentation every step.
+    """
+
+    def __init__(self, ctx: DistillContext, num_views: int):
+        self.ctx = ctx
+        self.num_views = num_views
+        self.views = FixedViews(ctx.pool_size, num_views, ctx.augment, seed=ctx.seed) if num_views > 0 else None
+        self.cache: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def _fill_cache(self) -> torch.Tensor:
+        assert self.views is not None
+        ctx, n = self.ctx, self.ctx.pool_size
+        cache = torch.empty(n, self.num_views, ctx.num_classes)
+        chunk = 1024
+        for start in progress(range(0, n, chunk), desc="teacher views", enabled=ctx.progress):
+            idx = torch.arange(start, min(start + chunk, n))
+            images = ctx.images[idx].to(ctx.device)
+            for v in range(self.num_views):
+                x = ctx.normalize(self.views.apply(images, idx, torch.full_like(idx, v)))
+                cache[idx, v] = ctx.teacher(x).float().cpu()
+        return cache
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.ctx
+        if self.views is None:
+            x = ctx.normalize(ctx.augment(batch.images))
+            with torch.no_grad():
+                return x, ctx.teacher(x)
+        if self.cache is None:
+            self.cache = self._fill_cache()
+        views = torch.randint(0, self.num_views, (len(batch.indices),))
+        x = ctx.normalize(self.views.apply(batch.images, batch.indices, views))
+        return x, self.cache[batch.indices, views].to(ctx.device)

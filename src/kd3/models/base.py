@@ -1,0 +1,33 @@
+"""The Net interface every model in kd3 exposes, ours or adapted.
+
+Methods reach a network's last feature map, its pooled vector and its final linear layer
+through these four members only, so a user's own teacher works once it is wrapped.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A classifier split into backbone feature map -> pooled vector -> linear classifier.
+
+    Subclasses set ``self.classifier`` (an ``nn.Linear``) and implement ``features``.
+    ``feature_channels`` is the channel count C of the map ``features`` returns (N×C×H×W).
+    """
+
+    classifier: nn.Linear
+    feature_channels: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement features(x)")
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features

@@ -1,0 +1,53 @@
+"""Teacher checkpoints: the weights plus everything needed to use them without guessing.
+
+A checkpoint records architecture, classes, input size/channels, normalisation, the recipe that
+trained it, its accuracies and a sha256 of its weights, and loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd3.engine import checkpoint
+from kd3.models import create_model
+from kd3.models.base import Net
+
+
+@dataclass
+class TeacherInfo:
+    arch: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    data: str  # the labelled split it was trained on, e.g. fashion-mnist:o-train
+    test_accuracy: float
+    val_accuracy: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def save_teacher(path: Path, net: Net, info: TeacherInfo) -> None:
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    info.sha256 = checkpoint.state_sha256(state)
+    checkpoint.atomic_save({"kd3_teacher": 1, "info": vars(info), "state_dict": state}, path)
+
+
+def load_teacher(path: Path) -> tuple[Net, TeacherInfo]:
+    """Load, verify the checksum, and return the network in eval mode with gradients off."""
+    record = checkpoint.load(path)
+    if "kd3_teacher" not in record:
+        raise ValueError(f"{path} is not a kd3 teacher checkpoint (make one with `kd3 train-teacher CONFIG`)")
+    info = TeacherInfo(**record["info"])
+    actual = checkpoint.state_sha256(record["state_dict"])
+    if actual != info.sha256:
+        raise ValueError(f"{path}: weights checksum {actual[:12]} does not match the recorded {info.sha256[:12]}; "
+                         "the file is corrupt or was edited")
+    net = create_model(info.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                       image_size=info.image_size)
+    net.load_state_dict(record["state_dict"])
+    net.eval().requires_grad_(False)
+    return net, info
