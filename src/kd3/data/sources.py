@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from kd3.data import formats
 from kd3.data.splits import stratified_split
+from kd3.paths import cache_dir
 
 SPLITS = ("train", "test", "o-train", "o-val", "r")
 O_VAL_FRACTION = 0.1
@@ -52,7 +53,9 @@ class LabelledData:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, [0, 1] units, from the source's train split
     std: tuple[float, ...]
-    index: torch.Tensor  # int64 N: position of each image in its official split (train or test)
+    # int64 N: each image's position in its official split (train or test); None for data that
+    # did not come from load_source (e.g. a test's stand-in).
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,8 +81,9 @@ class _Source:
 
 
 def default_root() -> Path:
-    """Where downloads go and user-provided sources are looked for when no ``root`` is given."""
-    return Path(os.environ.get("KD3_DATA_ROOT", Path.home() / ".cache" / "kd3" / "data"))
+    """Where downloads go and user-provided sources are looked for when no ``root`` is given:
+    ``$KD3_DATA_ROOT``, else ``<kd3 cache>/data``."""
+    return Path(os.environ.get("KD3_DATA_ROOT") or cache_dir() / "data")
 
 
 def _roots(root: Path | None) -> list[Path]:
@@ -94,12 +98,15 @@ _IDX_FILES = {
 }
 
 
-def _idx_dirs(root: Path | None, torchvision_folder: str, system: list[Path]) -> list[Path]:
+def _idx_dirs(name: str, root: Path | None, torchvision_folder: str,
+              system: list[Path]) -> list[Path]:
     # An explicit root is tried first, but the system copy still counts: a config may hand one
     # root to every source, and Fashion-MNIST should not vanish because that root lacks it.
+    # Never the bare root: MNIST and Fashion-MNIST use the same file names, so only a folder
+    # named for the dataset says which one it holds.
     dirs = []
     for base in ([root] if root is not None else []) + [default_root()]:
-        dirs += [base / torchvision_folder / "raw", base]
+        dirs += [base / torchvision_folder / "raw", base / name]
     return dirs + system
 
 
@@ -113,9 +120,10 @@ def _find_idx_dir(dirs: list[Path]) -> Path | None:
 def _idx_source(name: str, torchvision_folder: str, classes: list[str], system: list[Path],
                 install_hint: str) -> tuple[Reader, Callable[[Path | None], str]]:
     def locate(root: Path | None) -> str:
-        found = _find_idx_dir(_idx_dirs(root, torchvision_folder, system))
+        dirs = _idx_dirs(name, root, torchvision_folder, system)
+        found = _find_idx_dir(dirs)
         if found is None:
-            looked = ", ".join(str(d) for d in _idx_dirs(root, torchvision_folder, system))
+            looked = ", ".join(str(d) for d in dirs)
             raise DataUnavailable(
                 f"{name}: idx files (train-images-idx3-ubyte[.gz] and the three others) not "
                 f"found; looked in {looked}. To get them: {install_hint}pass root= a "
@@ -124,7 +132,7 @@ def _idx_source(name: str, torchvision_folder: str, classes: list[str], system: 
             )
         return str(found)
 
-    def read(split: str, root: Path | None, download: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def read(split: str, root: Path | None, download: bool):
         try:
             directory = Path(locate(root))
         except DataUnavailable:
@@ -391,9 +399,22 @@ def _derived_index(name: str, split: str, train_labels: np.ndarray) -> np.ndarra
     return positions[val_pos if split == "o-val" else train_pos]
 
 
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = torch.from_numpy(np.ascontiguousarray(images)).double().div_(255)
-    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3), unbiased=False).tolist())
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 N×C×H×W images, in [0, 1] units.
+
+    From a 256-bin histogram per channel: exact, and no float copy of the whole split.
+    """
+    values = np.arange(256, dtype=np.float64) / 255
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        # torch counts uint8 in place; np.bincount would first widen to a 64-bit copy.
+        hist = torch.bincount(x[:, c].flatten(), minlength=256).double().numpy()
+        p = hist / hist.sum()
+        mean = float(p @ values)
+        means.append(mean)
+        stds.append(float(np.sqrt(p @ (values - mean) ** 2)))
+    return tuple(means), tuple(stds)
 
 
 def load_source(spec: str, root: str | os.PathLike | None = None,
@@ -412,7 +433,7 @@ def load_source(spec: str, root: str | os.PathLike | None = None,
     if source.stats is not None:
         mean, std = source.stats
     else:  # small sources only: their train split is cached, so re-reading it is free
-        mean, std = _channel_stats(source.read("train", root_path, download)[0])
+        mean, std = channel_stats(source.read("train", root_path, download)[0])
     if split in ("train", "test"):
         index = np.arange(len(labels), dtype=np.int64)
         if not images.flags.writeable:  # cached arrays are shared: hand out a private copy

@@ -59,7 +59,7 @@ def state_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """A checksum of the weights themselves (names, shapes, dtypes, bytes), independent of pickling."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
+        tensor = state_dict[name].detach().cpu()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

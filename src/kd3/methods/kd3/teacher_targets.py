@@ -1,0 +1,83 @@
+"""The teacher's feature map and logits on a training batch: a forward per step, or a cache over K
+fixed augmented views of the pool.
+
+KD³ aligns feature maps, so unlike ``TeacherLogits`` the cache must hold F_T too. It holds them in
+fp16 on the CPU: pool_size × K × (C_T·H_T·W_T · 2 + num_classes · 4) bytes, e.g. 20k images ×
+8 views of a 64×7×7 map ≈ 1.0 GB, but 1.28M ImageNet-32 images × 8 views of ResNet-34's 512×4×4
+map ≈ 168 GB. A cache over the size limit is not built: the teacher runs every step instead, with
+a warning. With the teacher-side contrastive term on, the teacher still runs on the perturbed
+batch every step; the cache saves only the clean forward.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from kd3.data.augment import FixedViews
+from kd3.methods.base import Batch, DistillContext
+from kd3.utils.progress import progress
+
+
+def cache_bytes(pool_size: int, num_views: int, feature_shape: tuple[int, int, int], num_classes: int) -> int:
+    channels, height, width = feature_shape
+    return pool_size * num_views * (channels * height * width * 2 + num_classes * 4)
+
+
+class TeacherTargets:
+    """Produces (student input x, teacher feature map F_T, teacher logits z_T) for a batch."""
+
+    def __init__(self, ctx: DistillContext, num_views: int, feature_shape: tuple[int, int, int],
+                 max_gb: float):
+        self.ctx = ctx
+        needed = cache_bytes(ctx.pool_size, num_views, feature_shape, ctx.num_classes)
+        if num_views > 0 and needed > max_gb * 1e9:
+            warnings.warn(f"kd3: caching the teacher on {num_views} views needs {needed / 1e9:.1f} GB "
+                          f"(> teacher_cache_gb={max_gb}); running the teacher every step instead",
+                          stacklevel=3)
+            num_views = 0
+        self.num_views = num_views
+        self.feature_shape = feature_shape
+        # FixedViews has its own seeded generator: building it does not touch the global RNG.
+        self.views = FixedViews(ctx.pool_size, num_views, ctx.augment, seed=ctx.seed) if num_views > 0 else None
+        self.maps: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.views is not None
+
+    def teacher_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher = self.ctx.teacher
+        feature_map = teacher.features(x)
+        return feature_map, teacher.classifier(teacher.pool(feature_map))
+
+    @torch.inference_mode()
+    def _fill_cache(self) -> None:
+        assert self.views is not None
+        ctx, n = self.ctx, self.ctx.pool_size
+        self.maps = torch.empty(n, self.num_views, *self.feature_shape, dtype=torch.float16)
+        self.logits = torch.empty(n, self.num_views, ctx.num_classes)
+        for start in progress(range(0, n, ctx.batch_size), desc="kd3 teacher views", enabled=ctx.progress):
+            idx = torch.arange(start, min(start + ctx.batch_size, n))
+            images = ctx.images[idx].to(ctx.device)
+            for v in range(self.num_views):
+                feature_map, logits = self.teacher_forward(
+                    ctx.normalize(self.views.apply(images, idx, torch.full_like(idx, v))))
+                self.maps[idx, v] = feature_map.half().cpu()
+                self.logits[idx, v] = logits.float().cpu()
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.ctx
+        if self.views is None:
+            x = ctx.normalize(ctx.augment(batch.images))
+            with torch.no_grad():  # not inference_mode: F_T enters the autograd graph as a constant
+                feature_map, logits = self.teacher_forward(x)
+            return x, feature_map, logits
+        if self.maps is None:
+            self._fill_cache()
+        assert self.maps is not None and self.logits is not None
+        views = torch.randint(0, self.num_views, (len(batch.indices),))
+        x = ctx.normalize(self.views.apply(batch.images, batch.indices, views))
+        idx = batch.indices.cpu()
+        return x, self.maps[idx, views].to(ctx.device), self.logits[idx, views].to(ctx.device)
