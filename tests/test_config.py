@@ -61,3 +61,8 @@ def test_method_options_validated_against_method_dataclass():
 def test_from_dict_nested_mapping_required():
     with pytest.raises(ConfigError, match="train: expected a mapping"):
         from_dict(DistillConfig, {"train": 3})
+
+
+def test_override_value_that_is_not_yaml_is_kept_as_string():
+    cfg = load_config(DistillConfig, None, ["teacher.checkpoint={cache}/teachers/t.pt"])
+    assert cfg.teacher.checkpoint == "{cache}/teachers/t.pt"

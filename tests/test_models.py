@@ -73,6 +73,7 @@ def test_net_contract_and_gradient_flow(name, in_channels, image_size):
     assert net.feature_channels == channels
     assert feature_map.shape == (2, channels, side, side)
     assert vector.shape == (2, net.classifier.in_features)
+    assert (vector >= 0).all()  # every zoo model pools a post-ReLU activation (DAFL's activation loss assumes it)
     assert torch.equal(logits, net.classifier(vector))
     assert logits.shape == (2, NUM_CLASSES) and net.num_classes == NUM_CLASSES
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
@@ -152,7 +153,8 @@ def test_register_model_adds_a_factory_and_refuses_duplicates(monkeypatch):
 def test_torchvision_adapter_matches_the_wrapped_model():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES).eval()
-    net = from_torchvision(model, image_size=32).eval()
+    net = from_torchvision(model, image_size=32)
+    assert not net.training and not net.front.training  # the wrapper takes over the model's mode
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feature_map = net.features(x)
@@ -176,11 +178,11 @@ def test_torchvision_adapter_replaces_the_stem_and_head_on_request():
 def test_torchvision_adapter_pool_runs_everything_between_feature_map_and_classifier():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=NUM_CLASSES).eval()
-    net = from_torchvision(model, image_size=32).eval()
-    x = torch.randn(2, 3, 32, 32)
+    net = from_torchvision(model, image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)  # large enough that the map is 2×2, so it cannot be the pooled 1×1 one
     with torch.no_grad():
         feature_map = net.features(x)
-        assert feature_map.shape == (2, 576, 1, 1)
+        assert feature_map.shape == (2, 576, 2, 2)
         assert net.pool(feature_map).shape == (2, 1024)  # pool + Linear(576, 1024) + Hardswish + Dropout
         assert torch.equal(net(x), model(x))
 

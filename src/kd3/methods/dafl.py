@@ -75,6 +75,7 @@ class DAFL(Method):
 
     def __init__(self, student: Net, ctx: DistillContext, options: DAFLOptions):
         super().__init__(student, ctx, options)
+        self.teacher  # noqa: B018  (fails early, with a clear message, when the run has no teacher)
         _, channels, height, width = ctx.images.shape
         self.generator = DAFLGenerator((channels, height, width), latent_dim=options.latent_dim,
                                        width=options.generator_width, output=options.generator_output,

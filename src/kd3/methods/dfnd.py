@@ -115,6 +115,7 @@ class DFND(Method):
 
     def __init__(self, student: Net, ctx: DistillContext, options: DFNDOptions):
         super().__init__(student, ctx, options)
+        self.teacher  # noqa: B018  (fails early, with a clear message, when the run has no teacher)
         if options.score not in SCORES:
             raise ValueError(f"DFND score={options.score!r}; valid: {', '.join(SCORES)}")
         if options.keep is None and not 0.0 < options.keep_fraction <= 1.0:

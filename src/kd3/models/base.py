@@ -5,6 +5,8 @@ through these four members only, so a user's own teacher works once it is wrappe
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -16,8 +18,9 @@ class Net(nn.Module):
     ``feature_channels`` is the channel count C of the map ``features`` returns (N×C×H×W).
     """
 
-    classifier: nn.Linear
-    feature_channels: int
+    if TYPE_CHECKING:  # class-level annotations would make every Net unscriptable by torch.jit.script
+        classifier: nn.Linear
+        feature_channels: int
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement features(x)")

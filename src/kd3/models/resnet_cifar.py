@@ -33,7 +33,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x).detach())
+        return self.relu(out + self.shortcut(x))
 
 
 class CifarResNet(Net):
