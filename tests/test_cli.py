@@ -2,7 +2,6 @@
 round-trip its checkpoint, distil from a file pool, evaluate and export the student."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -60,10 +59,7 @@ def test_eval_teacher_prints_accuracy(teacher_path, capsys):
 
 def test_distill_eval_export_from_file_pool(teacher_path, workdir, capsys):
     images = load_source("uci-digits:train").images
-    n = len(images)
-    pool = Pool(images=images, source=np.array(["folder"] * n), style=np.array(["none"] * n),
-                relevant=np.zeros(n, bool), true_label=np.full(n, -1), meta={"provenance": False})
-    pool.save(workdir / "pool.npz")
+    Pool.unlabelled(images, origin="folder").save(workdir / "pool.npz")
     out = workdir / "distill"
     code = main(["distill", "configs/digits-wild/blind_kd.yaml", f"teacher.checkpoint={teacher_path}",
                  "teacher.recipe=", "pool.name=file", f"pool.path={workdir / 'pool.npz'}", "eval_data=uci-digits:test",

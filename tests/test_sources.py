@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 import subprocess
 import sys
 
 import numpy as np
+from standins import write_cifar10, write_imagenet32
 import pytest
 import torch
 
@@ -140,23 +140,8 @@ def test_list_sources_reports_every_source(tmp_path):
 
 # --- user-provided formats, exercised on tiny stand-in files ----------------------------------
 
-def _planar_batch(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n images whose R plane is 200, G 100, B random: checks the plane order is decoded."""
-    data = np.empty((n, 3, 32, 32), dtype=np.uint8)
-    data[:, 0], data[:, 1] = 200, 100
-    data[:, 2] = rng.integers(0, 256, size=(n, 32, 32))
-    return data.reshape(n, 3072)
-
-
 def test_cifar10_from_a_torchvision_root(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": _planar_batch(20, rng), b"labels": list(range(10)) * 2}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}" for i in range(10)]}, f)
+    write_cifar10(tmp_path, per_batch=20, rng=np.random.default_rng(0))
     train = load_source("cifar10:train", root=tmp_path)
     assert tuple(train.images.shape) == (100, 3, 32, 32) and train.images.dtype == torch.uint8
     assert int(train.images[:, 0].min()) == 200 and int(train.images[:, 1].max()) == 100
@@ -169,16 +154,7 @@ def test_cifar10_from_a_torchvision_root(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["", ".npz"])
 def test_imagenet32_pickles_and_npz_with_one_based_labels(tmp_path, suffix):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "Imagenet32_train"  # the archive's own sub-folder is found too
-    folder.mkdir()
-    for name in [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]:
-        batch = {"data": _planar_batch(5, rng), "labels": np.array([1, 2, 3, 1000, 7])}
-        if suffix == ".npz":
-            np.savez(folder / f"{name}.npz", **batch)
-        else:
-            with open(folder / name, "wb") as f:
-                pickle.dump({"data": batch["data"], "labels": batch["labels"].tolist()}, f)
+    write_imagenet32(tmp_path, per_batch=5, rng=np.random.default_rng(0), npz=suffix == ".npz")
     train = load_source("imagenet32:train", root=tmp_path)
     assert tuple(train.images.shape) == (50, 3, 32, 32)
     assert train.labels[:5].tolist() == [0, 1, 2, 999, 6] and len(train.classes) == 1000

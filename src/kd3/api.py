@@ -107,6 +107,10 @@ def load_pool(cfg: DistillConfig) -> Pool:
         if not p.path:
             raise ConfigError("pool.name=file needs pool.path=<the .npz written by `kd3 data ingest`>")
         pool = Pool.load(Path(p.path))
+    elif p.name == "source":
+        if not p.source:
+            raise ConfigError("pool.name=source needs pool.source=NAME:SPLIT (e.g. imagenet32:train)")
+        pool = Pool.unlabelled(load_source(p.source).images, origin=p.source)
     else:
         pool = load_or_build_pool(p.name, cache_dir(), size=p.size, irrelevant_fraction=p.irrelevant_fraction,
                                   variant=p.variant, seed=p.seed)

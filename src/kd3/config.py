@@ -51,8 +51,9 @@ class TeacherRef:
 
 @dataclass
 class PoolConfig:
-    name: str = "fashion-wild"  # a builder (fashion-wild, digits-wild) or "file" for an ingested .npz
+    name: str = "fashion-wild"  # a builder (fashion-wild, digits-wild), "file" (an ingested .npz) or "source"
     path: str = ""  # with name=file: the .npz written by `kd3 data ingest`
+    source: str = ""  # with name=source: a labelled source's images, labels dropped (e.g. imagenet32:train)
     size: int = 20000
     irrelevant_fraction: float = 0.7
     variant: str = "default"  # default or hard

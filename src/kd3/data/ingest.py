@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from kd3.data.pool import UNKNOWN_LABEL, Pool
+from kd3.data.pool import Pool
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                               ".tiff", ".ppm", ".pgm", ".pbm"})
@@ -83,13 +83,7 @@ def ingest_folder(directory: str | os.PathLike, size: int,
         raise ValueError(f"no readable image in {root}: {len(files)} files with an image "
                          f"extension ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
                          f"{len(bad)} failed to decode")
-    n = len(images)
-    pool = Pool(
-        images=torch.from_numpy(np.stack(images)),
-        source=np.full(n, "folder"), style=np.full(n, "none"),
-        relevant=np.zeros(n, dtype=bool), true_label=np.full(n, UNKNOWN_LABEL, dtype=np.int64),
-        meta={"pool": "folder", "directory": str(root), "size": size, "channels": channels,
-              "image_shape": [channels, size, size], "provenance": False,
-              "counts": {"found": report.found, "loaded": n, "skipped": report.skipped}},
-    )
+    pool = Pool.unlabelled(torch.from_numpy(np.stack(images)), origin="folder", meta={
+        "directory": str(root), "size": size, "channels": channels, "image_shape": [channels, size, size],
+        "counts": {"found": report.found, "loaded": len(images), "skipped": report.skipped}})
     return pool, report

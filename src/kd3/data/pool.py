@@ -39,6 +39,14 @@ class Pool:
                 raise ValueError(f"pool field {name} has {len(getattr(self, name))} entries "
                                  f"for {n} images")
 
+    @classmethod
+    def unlabelled(cls, images: torch.Tensor, origin: str, meta: dict | None = None) -> Pool:
+        """A pool without provenance (a user's folder, a source with its labels dropped)."""
+        n = len(images)
+        return cls(images=images, source=np.full(n, origin), style=np.full(n, "none"),
+                   relevant=np.zeros(n, dtype=bool), true_label=np.full(n, UNKNOWN_LABEL, dtype=np.int64),
+                   meta={"pool": origin, "provenance": False, **(meta or {})})
+
     def __len__(self) -> int:
         return len(self.images)
 

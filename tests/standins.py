@@ -1,0 +1,47 @@
+"""Tiny stand-in files in the real formats of user-provided datasets (CIFAR, ImageNet 32×32)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def planar_batch(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n images whose R plane is 200, G 100, B random: checks the plane order is decoded."""
+    data = np.empty((n, 3, 32, 32), dtype=np.uint8)
+    data[:, 0], data[:, 1] = 200, 100
+    data[:, 2] = rng.integers(0, 256, size=(n, 32, 32))
+    return data.reshape(n, 3072)
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_cifar10(root: Path, per_batch: int, rng: np.random.Generator) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _pickle(folder / name, {b"data": planar_batch(per_batch, rng), b"labels": [i % 10 for i in range(per_batch)]})
+    _pickle(folder / "batches.meta", {b"label_names": [f"c{i}" for i in range(10)]})
+
+
+def write_cifar100(root: Path, per_split: int, rng: np.random.Generator) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ["train", "test"]:
+        _pickle(folder / name, {b"data": planar_batch(per_split, rng), b"fine_labels": [i % 100 for i in range(per_split)]})
+    _pickle(folder / "meta", {b"fine_label_names": [f"f{i}" for i in range(100)]})
+
+
+def write_imagenet32(root: Path, per_batch: int, rng: np.random.Generator, npz: bool = False) -> None:
+    folder = root / "Imagenet32_train"  # the archive's own sub-folder
+    folder.mkdir(parents=True)
+    for name in [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]:
+        labels = np.array([1, 2, 3, 1000, 7] * (per_batch // 5 + 1))[:per_batch]
+        if npz:
+            np.savez(folder / f"{name}.npz", data=planar_batch(per_batch, rng), labels=labels)
+        else:
+            _pickle(folder / name, {"data": planar_batch(per_batch, rng), "labels": labels.tolist()})
