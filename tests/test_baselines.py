@@ -7,7 +7,7 @@ import torch
 from baseline_nets import BNNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
 from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 
-from kd3.methods.base import get_method
+from kd3.methods.base import Batch, get_method
 from kd3.methods.blind_kd import BlindKDOptions
 from kd3.methods.dafl import DAFLOptions
 from kd3.methods.deepinversion import DeepInversionOptions
@@ -49,6 +49,22 @@ def test_methods_leave_the_teacher_bit_identical(name):
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher.training
     assert not any(p is q for p in method.trainable_parameters() for q in teacher.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_methods_run_under_bf16_autocast(name):
+    method = build(name)
+    plan = method.begin_epoch(0)
+    method.train()
+    batch = None
+    if plan.indices is not None:
+        chosen = plan.indices[:16]
+        batch = Batch(indices=chosen, images=method.ctx.images[chosen])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        losses = method.training_step(batch)
+    loss = sum(losses.values())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
 
 
 def run(name: str, run_dir, epochs: int = 2, stop_after: int | None = None, resume: bool = False):

@@ -58,6 +58,17 @@ def test_dfnd_diagonal_is_estimated_from_teacher_confidence_on_the_kept_set():
     assert float(method.noise.diagonal) == pytest.approx(float(probs.max(dim=1).values.mean()), abs=1e-6)
 
 
+def test_dfnd_diagonal_prefers_option_then_recorded_validation_accuracy():
+    ctx, _ = intensity_context(40)
+    ctx.teacher_accuracy = 0.83
+    from_record = DFND(BNNet(), ctx, DFNDOptions(keep=12))
+    from_record.begin_epoch(0)
+    assert float(from_record.noise.diagonal) == pytest.approx(0.83)
+    from_option = DFND(BNNet(), ctx, DFNDOptions(keep=12, teacher_accuracy=0.7))
+    from_option.begin_epoch(0)
+    assert float(from_option.noise.diagonal) == pytest.approx(0.7)
+
+
 def test_noise_matrix_rows_are_distributions_and_diagonal_survives_optimizer_steps():
     noise = NoiseAdaptation(4, diagonal=0.7)
     optimizer = torch.optim.SGD(noise.parameters(), lr=5.0, momentum=0.9, weight_decay=5e-4)

@@ -152,7 +152,8 @@ def build_distillation(cfg: DistillConfig) -> tuple[Method, LabelledData, Proven
     ctx = DistillContext(teacher=teacher, images=images, labels=labels, normalize=normalize,
                          augment=CropFlip(cfg.augment.padding, cfg.augment.flip), num_classes=info.num_classes,
                          epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=device,
-                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress)
+                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress,
+                         teacher_accuracy=info.val_accuracy)
     student = create_model(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels,
                            image_size=info.image_size)
     method = method_cls(student, ctx, options).to(device)

@@ -32,6 +32,7 @@ class DistillContext:
     seed: int
     cache_dir: Path
     labels: torch.Tensor | None = None  # only for reference methods that use the original labelled data
+    teacher_accuracy: float | None = None  # the teacher's validation accuracy, from its checkpoint record
     progress: bool = False
 
     @property

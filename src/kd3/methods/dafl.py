@@ -81,7 +81,7 @@ class DAFL(Method):
                                        width=options.generator_width, output=options.generator_output,
                                        normalize=ctx.normalize).to(ctx.device)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=options.generator_lr)
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -130,14 +130,14 @@ class DAFL(Method):
         loss = kd_loss(student_logits, logits.detach(), self.options.temperature)
         with torch.no_grad():
             share = torch.bincount(logits.argmax(dim=1), minlength=self.ctx.num_classes).max() / len(z)
-        for name, value in {**losses, "max_class_share": share}.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+        for name, value in {**losses, "max_class_share": share}.items():  # summed on the device: no sync per step
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
         self._steps += 1
         return {"kd": loss}
 
     def epoch_metrics(self) -> dict[str, Any]:
         steps = max(self._steps, 1)
-        return {f"dafl_gen_{name}": value / steps for name, value in self._sums.items()}
+        return {f"dafl_gen_{name}": float(value) / steps for name, value in self._sums.items()}
 
     def method_state(self) -> dict[str, Any]:
         return {"generator_optimizer": self.generator_optimizer.state_dict()}

@@ -19,9 +19,10 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
 Where kd3 departs from the released code, and why:
 - The released code fixes a to the teacher's accuracy on the original *test* set (hard-coded
   constants, e.g. 0.9523 for its CIFAR-10 ResNet-34). kd3 never looks at that test set, so a is
-  ``teacher_accuracy`` when given (e.g. the teacher's validation accuracy on its own held-out
-  data), and otherwise estimated as the teacher's mean top-softmax probability on the kept
-  images (its expected accuracy there if it were calibrated). The estimate is clamped to
+  the ``teacher_accuracy`` option when given, else the teacher's validation accuracy on its own
+  held-out data (recorded in its checkpoint, passed as ``ctx.teacher_accuracy``), and otherwise
+  estimated as the teacher's mean top-softmax probability on the kept images (its expected
+  accuracy there if it were calibrated). The estimate is clamped to
   [1/K, 1]. On a pool where the teacher is over-confident this makes Q close to the identity.
 - The released code trains Q with its own Adam (lr 1e-3); here Q's logits are ordinary
   trainable parameters of the method, stepped by the trainer's optimizer with the student.
@@ -104,8 +105,10 @@ class NoiseAdaptation(nn.Module):
         return q.masked_scatter(self.off_mask, off)
 
     def forward(self, student_probs: torch.Tensor) -> torch.Tensor:
-        """Noisy-label probabilities Qᵀ p for each row p of ``student_probs`` (i.e. p @ Q)."""
-        return student_probs.float() @ self.matrix()
+        """Noisy-label probabilities Qᵀ p for each row p of ``student_probs`` (i.e. p @ Q), in float32
+        even under autocast (their log is taken next)."""
+        with torch.autocast(device_type=student_probs.device.type, enabled=False):
+            return student_probs.float() @ self.matrix()
 
 
 @register_method
@@ -145,6 +148,8 @@ class DFND(Method):
         self.kept_labels = labels[self.kept]
         if self.options.teacher_accuracy is not None:
             accuracy = self.options.teacher_accuracy
+        elif self.ctx.teacher_accuracy is not None:
+            accuracy = self.ctx.teacher_accuracy
         else:
             accuracy = float(confidence[self.kept].mean().clamp(1.0 / self.ctx.num_classes, 1.0))
         self.noise.set_diagonal(accuracy)
