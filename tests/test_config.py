@@ -66,3 +66,14 @@ def test_from_dict_nested_mapping_required():
 def test_override_value_that_is_not_yaml_is_kept_as_string():
     cfg = load_config(DistillConfig, None, ["teacher.checkpoint={cache}/teachers/t.pt"])
     assert cfg.teacher.checkpoint == "{cache}/teachers/t.pt"
+
+
+def test_base_preset_is_deep_merged_under_the_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: b\ntrain:\n  epochs: 3\n  lr: 0.1\nmethod:\n  name: blind_kd\n  temperature: 2.0\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: c\ntrain:\n  epochs: 9\nmethod:\n  name: kd3\n")
+    cfg = load_config(DistillConfig, tmp_path / "child.yaml")
+    assert cfg.name == "c" and cfg.train.epochs == 9 and cfg.train.lr == 0.1
+    assert cfg.method == {"name": "kd3"}  # a method section replaces the base's whole
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(DistillConfig, tmp_path / "loop.yaml")

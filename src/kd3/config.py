@@ -173,15 +173,39 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+# A child's method section replaces the base's whole: options of one method mean nothing to another.
+WHOLE_SECTIONS = ("method",)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in WHOLE_SECTIONS
+        merged[key] = _merge(merged[key], value) if nested else value
+    return merged
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; a ``base: other.yaml`` key (relative to this file) is loaded first and
+    deep-merged under this file's keys, so presets share one base instead of repeating it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (presets live under configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return _merge(read_yaml(path.parent / base, (*seen, path.resolve())), values)
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live under configs/)")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        values = read_yaml(path)
     try:
         return from_dict(cls, apply_overrides(values, list(overrides)))
     except ConfigError as error:
