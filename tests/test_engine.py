@@ -154,3 +154,14 @@ def test_training_never_changes_the_teacher(tmp_path):
     _blind_trainer(teacher, images, tmp_path).fit()
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_subset_selections_are_saved_per_epoch(tmp_path):
+    from kd3.methods.base import EpochPlan
+
+    images, labels = blobs(40)
+    trainer = _blind_trainer(_trained_teacher(images, labels, steps=2), images, tmp_path, epochs=2)
+    trainer.method.begin_epoch = lambda epoch: EpochPlan(indices=torch.tensor([5, 1, 30, 7] * (epoch + 1))[: 3 + epoch])
+    trainer.fit()
+    assert np.load(tmp_path / "selections" / "epoch-0001.npy").tolist() == [1, 5, 30]
+    assert np.load(tmp_path / "selections" / "epoch-0002.npy").tolist() == [1, 5, 7, 30]

@@ -126,10 +126,18 @@ class Trainer:
         return evaluate(self.method.deployable(), self.eval_data.images, self.eval_data.labels,
                         self.method.ctx.normalize, self.device)
 
+    def _save_selection(self, epoch: int, indices: torch.Tensor) -> None:
+        """Which pool images the epoch trained on, for reports (selected vs rejected grids)."""
+        folder = self.run_dir / "selections"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / f"epoch-{epoch + 1:04d}.npy", np.sort(indices.cpu().numpy()).astype(np.int32))
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         method = self.method
         plan = method.begin_epoch(epoch)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        if plan.indices is not None and len(plan.indices) < method.ctx.pool_size:
+            self._save_selection(epoch, plan.indices)
         if plan.indices is not None and self.provenance is not None:
             p = self.provenance
             record["selection"] = selection_metrics(plan.indices, p.relevant, p.source, p.teacher_correct)
