@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,20 @@ META_NAME = "kd3.json"
 def export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict[str, Any], path: Path) -> Path:
     """Trace the model in eval mode; the metadata (normalisation, classes, shape) travels inside the file."""
     model = model.eval().cpu()
-    with torch.no_grad():
-        scripted = torch.jit.trace(model, example.cpu())
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={META_NAME: json.dumps(meta)})
+    # TorchScript is deprecated in favour of torch.export, but it is still what every runtime loads.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.trace(model, example.cpu())
+        torch.jit.save(scripted, str(path), _extra_files={META_NAME: json.dumps(meta)})
     return path
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     extra = {META_NAME: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[META_NAME] or "{}")
 
 
@@ -33,6 +38,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     except ImportError as error:
         raise RuntimeError("ONNX export needs the onnx extra: pip install 'kd3[onnx]'") from error
     model = model.eval().cpu()
-    torch.onnx.export(model, (example.cpu(),), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    with warnings.catch_warnings():  # the legacy exporter is the one that takes a TorchScript module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example.cpu(),), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return path

@@ -49,7 +49,7 @@ class MetricsLog:
 def print_table(title: str, columns: list[str], rows: list[list[Any]], console: Console | None = None) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="right" if column != columns[0] else "left")
+        table.add_column(column, justify="right" if column != columns[0] else "left", overflow="fold")
     for row in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     (console or Console()).print(table)
