@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,19 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
+_NUMBER = re.compile(r"[-+]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?|nan|")
+
+
+def _looks_numeric(value: Any) -> bool:
+    """Numbers (and "a ± b") are right-aligned; text columns stay left-aligned."""
+    return isinstance(value, (int, float)) or bool(_NUMBER.fullmatch(str(value).strip()))
+
+
 def print_table(title: str, columns: list[str], rows: list[list[Any]], console: Console | None = None) -> None:
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right" if column != columns[0] else "left", overflow="fold")
+    for i, column in enumerate(columns):
+        numeric = i > 0 and all(_looks_numeric(row[i]) for row in rows)
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     (console or Console()).print(table)
