@@ -10,6 +10,7 @@ from typing import Any
 class Picture:
     file: str  # a PNG in the report folder, linked by its bare name so the folder can be moved
     caption: str
+    after: str = ""  # escaped HTML shown under the picture (e.g. its counts table)
 
 
 @dataclass
@@ -51,7 +52,7 @@ def render_page(title: str, subtitle: str, sections: list[Section]) -> str:
             parts.append(f"<p class='note'>{escape(section.note)}</p>")
         parts.append(section.body)
         parts.extend(f"<figure><img src='{escape(p.file)}' alt='{escape(p.caption)}'>"
-                     f"<figcaption>{escape(p.caption)}</figcaption></figure>" for p in section.pictures)
+                     f"<figcaption>{escape(p.caption)}</figcaption></figure>{p.after}" for p in section.pictures)
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -18,7 +18,7 @@ def panels(count: int, columns: int = 3, size: tuple[float, float] = (4.4, 3.3))
     for spare in axes[count:]:
         spare.set_visible(False)
     for ax in axes[:count]:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: one tick
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     return fig, axes[:count]

@@ -39,12 +39,12 @@ class RunData:
 
 def read_run(run_dir: Path) -> RunData:
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    for path in (config_path, metrics_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (is {run_dir} a kd3 run directory?)")
-    history = _finished_records(metrics_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist (is {run_dir} a kd3 run directory?)")
+    history = _finished_records(metrics_path) if metrics_path.is_file() else []
     if not history:
-        raise ValueError(f"{metrics_path} has no finished epoch yet; report again after the first epoch")
+        raise ValueError(f"{run_dir} has no finished epoch yet (metrics.jsonl is missing or empty); "
+                         "report again after the first epoch")
     config_text = config_path.read_text()
     folder = run_dir / "selections"
     matches = ((_SELECTION_FILE.fullmatch(p.name), p) for p in folder.glob("epoch-*.npy")) if folder.is_dir() else ()

@@ -8,7 +8,7 @@ import numpy as np
 
 from kd3.report.page import Picture, Section
 from kd3.report.plotting import empty, line, panels, save
-from kd3.report.run import lookup, number, series
+from kd3.report.run import number, series
 
 _QUALITY = (("selection.precision", "precision"), ("selection.recall", "recall"),
             ("selection.precision_correct", "precision (relevant & teacher-correct)"),
