@@ -143,3 +143,26 @@ def test_dfnd_is_registered_and_validates_options():
         DFND(BNNet(), ctx, DFNDOptions(score="entropy"))
     with pytest.raises(ValueError, match="keep_fraction"):
         DFND(BNNet(), ctx, DFNDOptions(keep_fraction=0.0))
+
+
+def test_dfnd_keeps_the_top_n_of_a_relevance_score():
+    ctx, values = intensity_context()
+    method = DFND(BNNet(), ctx, DFNDOptions(keep=7, score="energy"))
+    kept = method.begin_epoch(0).indices
+    energy = torch.logsumexp(ctx.teacher(ctx.normalize(ctx.images)), dim=1)
+    assert set(kept.tolist()) == set(torch.argsort(energy, descending=True)[:7].tolist())
+    assert set(kept.tolist()) == set(torch.argsort(values.float(), descending=True)[:7].tolist())
+    assert torch.allclose(method.kept_scores, -energy[kept])  # logged negated: lower = kept first
+
+
+def test_dfnd_batchnorm_score_ranks_by_the_registry_value():
+    from baseline_nets import random_images
+
+    from kd3.scores import compute_score, teacher_outputs
+
+    torch.manual_seed(0)
+    ctx = make_context(BNNet().eval(), random_images(30))
+    method = DFND(BNNet(), ctx, DFNDOptions(keep=10, score="minrank:energy+bn_meanlogvar_late"))
+    kept = method.begin_epoch(0).indices
+    score = compute_score("minrank:energy+bn_meanlogvar_late", teacher_outputs(ctx.teacher, ctx.images, ctx.normalize))
+    assert set(kept.tolist()) == set(torch.sort(-score, stable=True).indices[:10].tolist())

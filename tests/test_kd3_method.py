@@ -301,3 +301,76 @@ def test_state_round_trip():
         {k: v for k, v in method.epoch_metrics().items() if k in method.selection_record}
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(restored.deployable()(x), method.deployable()(x))
+
+
+# -- relevance scores in place of the blended confidence ---------------------------------------------
+def test_released_rule_stays_the_default():
+    options = KD3Options()
+    assert options.selection_score == "blended" and options.thresholds == "auto"
+    assert options.threshold_rule == "flexmatch"
+    assert KD3Options(selection_score="energy").threshold_rule == "percentile"
+    assert KD3Options(thresholds="percentile").threshold_rule == "percentile"
+    assert KD3Options(selection_score="energy", thresholds="flexmatch").threshold_rule == "flexmatch"
+
+
+@pytest.mark.parametrize("bad", [{"selection_score": "confidence"}, {"thresholds": "topk"}, {"keep_fraction": 0.0},
+                                 {"keep_fraction": 1.5}])
+def test_score_options_are_validated(bad):
+    with pytest.raises(ValueError, match="kd3 options"):
+        KD3Options(**bad)
+
+
+def fixed_scoring(method: KD3, prediction: torch.Tensor) -> torch.Tensor:
+    """Make the blended scoring pass return a known (confidence, prediction); returns that confidence."""
+    confidence = torch.linspace(0.3, 1.0, method.ctx.pool_size)
+    method._score_pool = lambda weight: (confidence, prediction)
+    return confidence
+
+
+def pool_scores(method: KD3, name: str) -> torch.Tensor:
+    from kd3.scores import compute_score, teacher_outputs
+
+    ctx = method.ctx
+    return compute_score(name, teacher_outputs(method.teacher, ctx.images, ctx.normalize, ctx.batch_size))
+
+
+def test_relevance_score_replaces_the_blended_confidence_under_the_budget(monkeypatch):
+    import kd3.methods.kd3.method as kd3_method
+    from kd3.methods.kd3.selection import percentile_select
+
+    passes = []
+    real = kd3_method.teacher_outputs
+    monkeypatch.setattr(kd3_method, "teacher_outputs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    method = build(selection_score="bn_mean_all", keep_fraction=0.25)
+    prediction = torch.arange(method.ctx.pool_size) % 3  # class 3 predicted by nobody
+    fixed_scoring(method, prediction)
+    first = method.begin_epoch(0).indices
+    second = method.begin_epoch(1).indices
+    assert len(passes) == 1  # the teacher's score is computed once per run
+    expected = percentile_select(pool_scores(method, "bn_mean_all"), prediction, NUM_CLASSES, 0.25)
+    assert torch.equal(first, expected.indices) and torch.equal(second, first)
+    assert len(first) == 12  # floor(0.25 · 48)
+    record = method.epoch_metrics()
+    assert record["selected_per_class"] == [4, 4, 4, 0]
+
+
+def test_flexmatch_on_a_relevance_score_reads_its_pool_percentiles():
+    from kd3.methods.kd3.selection import select
+    from kd3.scores import percentile_ranks
+
+    method = build(selection_score="energy", thresholds="flexmatch")
+    prediction = torch.arange(method.ctx.pool_size) % 2
+    fixed_scoring(method, prediction)
+    indices = method.begin_epoch(0).indices
+    expected = select(percentile_ranks(pool_scores(method, "energy")), prediction, NUM_CLASSES, 0.95)
+    assert torch.equal(indices, expected.indices) and len(indices) > 0
+
+
+def test_percentile_thresholds_on_the_blended_confidence():
+    from kd3.methods.kd3.selection import percentile_select
+
+    method = build(thresholds="percentile", keep_fraction=0.5)
+    prediction = torch.arange(method.ctx.pool_size) % 4
+    confidence = fixed_scoring(method, prediction)
+    assert torch.equal(method.begin_epoch(0).indices, percentile_select(confidence, prediction, NUM_CLASSES, 0.5).indices)
+    assert method.relevance is None  # no teacher-only score was needed

@@ -11,7 +11,8 @@ from kd3.methods.kd3.contrastive import EmbeddingHead, nt_xent
 from kd3.methods.kd3.mixdistribution import EPS, channel_stats, mix_distribution, sample_mix
 from kd3.methods.kd3.projector import Projector, common_size
 from kd3.methods.kd3.schedule import TeacherWeight
-from kd3.methods.kd3.selection import blended_prediction, class_thresholds, select
+from kd3.methods.kd3.selection import (balanced_quotas, blended_prediction, class_thresholds, percentile_select,
+                                        select)
 from kd3.methods.kd3.weighting import get_weighting
 
 
@@ -172,3 +173,63 @@ def test_nt_xent_equals_double_loop():
     assert nt_xent(a, b, 0.3).item() == pytest.approx(_nt_xent_loops(a, b, 0.3), abs=1e-6)
     # Identical views with well-separated images give a small loss; shuffled positives a large one.
     assert nt_xent(a, a, 0.3) < nt_xent(a, a[torch.tensor([1, 2, 3, 4, 5, 0])], 0.3)
+
+
+# -- percentile thresholds (relevance scores) ----------------------------------------------------
+def test_balanced_quotas_fill_evenly_and_hand_leftovers_to_the_lowest_classes():
+    assert balanced_quotas([5, 1, 3, 0], 6) == [3, 1, 2, 0]  # level 2 (sum 5), one unit left → class 0
+    assert balanced_quotas([5, 1, 3, 0], 100) == [5, 1, 3, 0]  # a budget above the pool keeps everything
+    assert balanced_quotas([10, 10, 10], 4) == [2, 1, 1]
+    assert balanced_quotas([], 3) == []
+
+
+def test_percentile_selection_picks_hand_worked_indices():
+    confidence = torch.tensor([p for _, p in HAND])
+    prediction = torch.tensor([k for k, _ in HAND])
+    # Budget floor(0.5 · 9) = 4 over classes of sizes [4, 3, 2, 0]: even level 1, the unit left goes
+    # to class 0 → quotas [2, 1, 1, 0]: class 0 keeps 0 (0.97) and 2 (0.96), class 1 keeps 4, class 2 keeps 7.
+    selection = percentile_select(confidence, prediction, 4, 0.5)
+    assert selection.indices.tolist() == [0, 2, 4, 7]
+    assert selection.selected_per_class.tolist() == [2, 1, 1, 0]
+    assert selection.thresholds[:3].tolist() == pytest.approx([0.96, 0.80, 0.40])
+    assert math.isnan(selection.thresholds[3].item())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_percentile_thresholds_never_keep_more_than_the_budget(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(0, 300, (1,), generator=g))
+    num_classes = int(torch.randint(1, 7, (1,), generator=g))
+    skew = torch.rand(num_classes, generator=g) ** 4 + 1e-3  # some classes huge, some nearly empty
+    prediction = torch.multinomial(skew, n, replacement=True, generator=g) if n else torch.zeros(0, dtype=torch.long)
+    score = (torch.rand(n, generator=g) * 5).round()  # many ties
+    keep_fraction = float(torch.rand(1, generator=g).clamp(min=0.01))
+    selection = percentile_select(score, prediction, num_classes, keep_fraction)
+    budget = math.floor(keep_fraction * n)
+    assert len(selection.indices) == budget  # the whole budget is spent, never more
+    assert len(set(selection.indices.tolist())) == len(selection.indices)
+    assert (selection.selected_per_class <= selection.predicted_per_class).all()
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[selection.indices] = True
+    for k in range(num_classes):  # within a class, every kept score beats every rejected one
+        members = prediction == k
+        if (kept & members).any() and (~kept & members).any():
+            assert score[kept & members].min() >= score[~kept & members].max()
+
+
+def test_a_class_absorbing_junk_lowers_no_other_threshold():
+    # 700 confident junk images all predicted as class 0, then 100 images of each of classes 1-3.
+    g = torch.Generator().manual_seed(0)
+    prediction = torch.cat([torch.zeros(700, dtype=torch.long), torch.arange(1, 4).repeat_interleave(100)])
+    confidence = torch.cat([0.9 + 0.1 * torch.rand(700, generator=g), 0.3 + 0.6 * torch.rand(300, generator=g)])
+    released = select(confidence, prediction, 4, 0.95)
+    # FlexMatch: β = 1/7 for classes 1-3, τ = 0.95·β/(2 − β) ≈ 0.07: they keep everything.
+    assert released.thresholds[1].item() == pytest.approx(0.95 * (1 / 7) / (2 - 1 / 7))
+    assert released.selected_per_class[1:].tolist() == [100, 100, 100]
+    percentile = percentile_select(confidence, prediction, 4, 0.3)
+    # Budget 300 spread evenly: the junk class gets 75 like every other; class k's threshold is its own
+    # 75th-highest score, wherever the junk sits.
+    assert percentile.selected_per_class.tolist() == [75, 75, 75, 75]
+    for k in (1, 2, 3):
+        own = confidence[prediction == k].sort(descending=True).values
+        assert percentile.thresholds[k].item() == pytest.approx(own[74].item())

@@ -1,4 +1,4 @@
-"""``kd3 data``: list sources, build and show pools, ingest an image folder."""
+"""``kd3 data``: list sources, build, show and diagnose pools, ingest an image folder."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data_sub.add_parser("list", help="every labelled source and whether it is available here")
 
     for name, text in [("build", "build (or reuse) a benchmark pool and print its composition"),
-                       ("show", "write a PNG grid of samples per pool source and style")]:
+                       ("show", "write a PNG grid of samples per pool source and style"),
+                       ("diagnose", "how a teacher sees a pool: predicted classes, confidence, relevance scores")]:
         p = data_sub.add_parser(name, help=text)
         p.add_argument("pool", help="a builder name (fashion-wild, digits-wild) or a pool .npz file")
         p.add_argument("--size", type=int, default=20000)
@@ -21,6 +22,12 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         if name == "show":
             p.add_argument("--out", default=None, help="PNG path (default: <pool>-grid.png)")
             p.add_argument("--per-group", type=int, default=10)
+        if name == "diagnose":
+            p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt from `kd3 train-teacher`)")
+            p.add_argument("--out", default=None, help="output folder (default: <pool>-diagnosis)")
+            p.add_argument("--score", action="append", default=[],
+                           help="an extra relevance score to report, e.g. meanrank:energy+bn_mean_all (repeatable)")
+            p.add_argument("--device", default="cpu")
 
     p = data_sub.add_parser("ingest", help="decode an image folder into a pool .npz")
     p.add_argument("directory")
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace) -> None:
         out = Path(args.out or f"{Path(args.pool).stem}-grid.png")
         save_pool_grid(pool, out, per_group=args.per_group)
         print(f"wrote {out} ({len(pool)} images)")
+    elif args.data_command == "diagnose":
+        _diagnose(args)
     elif args.data_command == "ingest":
         from kd3.data.ingest import ingest_folder
 
@@ -74,3 +83,40 @@ def run(args: argparse.Namespace) -> None:
         out = Path(args.out)
         pool.save(out)
         print(f"wrote {out}: {len(pool)} images {tuple(pool.images.shape[1:])}; {report}")
+
+
+def _pool_title(args: argparse.Namespace) -> str:
+    if args.pool.endswith(".npz"):
+        return Path(args.pool).name
+    return (f"{args.pool} (size {args.size}, {args.irrelevant_fraction:.0%} irrelevant, variant {args.variant}, "
+            f"seed {args.seed})")
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from kd3.diagnose import diagnose
+    from kd3.diagnose.analysis import KEEP_FRACTIONS, group_summary
+    from kd3.diagnose.report import auroc_columns, auroc_rows, cell
+    from kd3.engine.logging import print_table
+    from kd3.paths import cache_dir, expand
+
+    pool = _pool_from_args(args)
+    out = Path(args.out or f"{Path(args.pool).stem}-diagnosis")
+    files = diagnose(pool, expand(args.teacher), out, cache_dir(), _pool_title(args), extra_scores=args.score,
+                     device=args.device)
+    d = files.diagnosis
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe has no width to fit; rich would fold at 80 columns
+        console = Console(width=160)
+    print_table("teacher on the pool, per source",
+                ["source", "images", "relevant", "confidence", "entropy", "most predicted as", "share"],
+                group_summary(d, "source"), console)
+    if d.aurocs:
+        kept = KEEP_FRACTIONS[0]
+        columns = [c for c in auroc_columns(d) if not c.startswith("style:")]
+        rows = [[row[0], *[cell(v) for v in row[1:len(columns) + 1]], cell(d.kept[name][kept].precision),
+                 cell(d.kept[name][kept].percentile_precision)] for name, row in zip(d.aurocs, auroc_rows(d))]
+        print_table("AUROC relevant vs irrelevant (higher = more relevant; per-style columns in the summary)",
+                    ["score", *columns, f"P@{kept:.0%}", f"Pc@{kept:.0%}"], rows, console)
+    print(f"wrote {files.markdown}, {files.html} and {len(files.images)} PNGs in {out}")

@@ -133,13 +133,7 @@ def _idx_source(name: str, torchvision_folder: str, classes: list[str], system: 
         return str(found)
 
     def read(split: str, root: Path | None, download: bool):
-        try:
-            directory = Path(locate(root))
-        except DataUnavailable:
-            if not download:
-                raise
-            _torchvision_download(torchvision_folder, root)
-            directory = Path(locate(root))
+        directory = _locate_or_download(locate, torchvision_folder, root, download)
         images, labels = _read_idx_split(directory, split)
         return images, labels, classes
 
@@ -155,6 +149,18 @@ def _read_idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray
     )
     images.flags.writeable = labels.flags.writeable = False
     return images, labels
+
+
+def _locate_or_download(locate: Callable[[Path | None], str], dataset: str, root: Path | None,
+                        download: bool) -> Path:
+    """Where the files are; with ``download`` a missing dataset is fetched by torchvision first."""
+    try:
+        return Path(locate(root))
+    except DataUnavailable:
+        if not download:
+            raise
+        _torchvision_download(dataset, root)
+        return Path(locate(root))
 
 
 def _torchvision_download(dataset: str, root: Path | None) -> None:
@@ -252,13 +258,7 @@ def _cifar_source(name: str, folder: str, tv_name: str, train_files: list[str], 
         raise _need_root(name, root, f"{folder}/{{{','.join(files)}}}", fix)
 
     def read(split: str, root: Path | None, download: bool):
-        try:
-            directory = Path(locate(root))
-        except DataUnavailable:
-            if not download:
-                raise
-            _torchvision_download(tv_name, root)
-            directory = Path(locate(root))
+        directory = _locate_or_download(locate, tv_name, root, download)
         paths = [directory / f for f in (train_files if split == "train" else [test_file])]
         images, labels = formats.read_planar_batches(paths, label_key)
         return images, labels, formats.read_meta_names(directory / meta_file, names_key)
@@ -279,13 +279,7 @@ def _locate_svhn(root: Path | None) -> str:
 
 
 def _read_svhn(split: str, root: Path | None, download: bool):
-    try:
-        directory = Path(_locate_svhn(root))
-    except DataUnavailable:
-        if not download:
-            raise
-        _torchvision_download("SVHN", root)
-        directory = Path(_locate_svhn(root))
+    directory = _locate_or_download(_locate_svhn, "SVHN", root, download)
     images, labels = formats.read_svhn_mat(directory / _SVHN_FILES[split])
     return images, labels, DIGIT_CLASSES
 

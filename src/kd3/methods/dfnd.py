@@ -8,7 +8,10 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    kept for the whole run (``keep`` images, or ``keep_fraction`` of the pool). ``score=
    "max_softmax"`` ranks by the teacher's top softmax probability instead; since the cross-entropy
    against the argmax equals −log of that probability, both give the same ranking (ties aside)
-   and only the logged score differs.
+   and only the logged score differs. Any other ``kd3.scores`` name (``energy``, ``feature_norm``,
+   ``bn_meanlogvar_late``, ``minrank:...``, ``default``, ...) keeps the N images with the highest
+   relevance score instead (logged negated, so lower = kept first for every option). All scores
+   come from one teacher pass on clean views (``kd3.scores.teacher_outputs``).
 2. **Training** on the kept images with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
@@ -44,40 +47,39 @@ from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_
 from kd3.methods.losses import kd_loss
 from kd3.methods.teacher_outputs import TeacherLogits
 from kd3.models.base import Net
-from kd3.utils.progress import progress
-
-SCORES = ("cross_entropy", "max_softmax")
+from kd3.scores import compute_score, resolve, teacher_outputs
 
 
 @dataclass
 class DFNDOptions:
     keep: int | None = None  # number of pool images kept; overrides keep_fraction
     keep_fraction: float = 0.3  # share of the pool kept when keep is not set
-    score: str = "cross_entropy"  # cross_entropy (paper) or max_softmax: same ranking, see docstring
+    score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
     noise_weight: float = 1.0  # weight of the noise-adaptation term (released code: 1)
     teacher_accuracy: float | None = None  # diagonal of Q; None estimates it from the kept images
     teacher_views: int = 8  # fixed augmented views with cached teacher logits; 0 runs the teacher every step
 
 
+def check_score(score: str) -> None:
+    if score != "cross_entropy":
+        try:
+            resolve(score)
+        except ValueError as error:
+            raise ValueError(f"DFND score={score!r}: use cross_entropy (the paper's) or a kd3.scores name; "
+                             f"{error}") from error
+
+
 def teacher_scores(ctx: DistillContext, score: str = "cross_entropy",
                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score every pool image on its clean view: (score, lower = more confident; max softmax; argmax)."""
-    if score not in SCORES:
-        raise ValueError(f"DFND score={score!r}; valid: {', '.join(SCORES)}")
-    n = ctx.pool_size
-    scores, confidence, labels = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.long)
-    with torch.inference_mode():
-        for start in progress(range(0, n, chunk), desc="DFND scoring", enabled=ctx.progress):
-            stop = min(start + chunk, n)
-            logits = ctx.teacher(ctx.normalize(ctx.images[start:stop].to(ctx.device))).float()
-            log_p = F.log_softmax(logits, dim=1)
-            top_log_p, top = log_p.max(dim=1)
-            cross_entropy = -top_log_p  # CE(z, argmax z) = −log max softmax
-            confidence[start:stop] = top_log_p.exp().cpu()
-            labels[start:stop] = top.cpu()
-            scores[start:stop] = (cross_entropy if score == "cross_entropy" else -top_log_p.exp()).cpu()
-    return scores, confidence, labels
+    """Score every pool image on its clean view: (score, lower = kept first; max softmax; argmax)."""
+    check_score(score)
+    assert ctx.teacher is not None
+    outputs = teacher_outputs(ctx.teacher, ctx.images, ctx.normalize, chunk, ctx.device, ctx.progress)
+    top_log_p, labels = F.log_softmax(outputs.logits, dim=1).max(dim=1)
+    # CE(z, argmax z) = −log max softmax; relevance scores are higher = more relevant, hence negated.
+    ranking = -top_log_p if score == "cross_entropy" else -compute_score(score, outputs)
+    return ranking, top_log_p.exp(), labels
 
 
 class NoiseAdaptation(nn.Module):
@@ -119,8 +121,7 @@ class DFND(Method):
     def __init__(self, student: Net, ctx: DistillContext, options: DFNDOptions):
         super().__init__(student, ctx, options)
         self.teacher  # noqa: B018  (fails early, with a clear message, when the run has no teacher)
-        if options.score not in SCORES:
-            raise ValueError(f"DFND score={options.score!r}; valid: {', '.join(SCORES)}")
+        check_score(options.score)
         if options.keep is None and not 0.0 < options.keep_fraction <= 1.0:
             raise ValueError(f"DFND keep_fraction must lie in (0, 1], got {options.keep_fraction}")
         if options.keep is not None and options.keep < 1:

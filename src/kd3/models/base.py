@@ -34,3 +34,10 @@ class Net(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.classifier.out_features
+
+
+def kaiming_init_convs(module: nn.Module) -> None:
+    """He initialisation (fan-out, ReLU gain) of every conv, the usual start for ResNet-style nets."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd3.models.base import Net
+from kd3.models.base import Net, kaiming_init_convs
 from kd3.models.registry import register_model
 
 
@@ -50,9 +50,7 @@ class CifarResNet(Net):
         self.stages = nn.Sequential(*stages)
         self.classifier = nn.Linear(channels, num_classes)
         self.feature_channels = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init_convs(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

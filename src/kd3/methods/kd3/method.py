@@ -22,6 +22,13 @@ Choices where METHOD.md is silent (each documented at its option too):
 - ``mix_location`` other than "input" perturbs the named student submodule's output through a
   forward hook; the teacher-side term then perturbs the teacher's input with the same π and λ
   (the option names a student stage, which the teacher does not have).
+- ``selection_score`` other than "blended" (a ``kd3.scores`` name, higher = more relevant) replaces
+  the blended confidence c_j in the threshold step only: the predicted class ŷ_j stays the blended
+  one, so selection still follows the student. The score comes from the frozen teacher on clean
+  views, so it is computed once per run. With it, ``thresholds: auto`` means ``percentile``
+  (``selection.percentile_select``: ``keep_fraction`` of the pool at most, spread evenly over the
+  predicted classes, each keeping its highest scores). ``thresholds: flexmatch`` with such a score applies τ_k to the score's pool
+  percentile in (0, 1] instead of c_j, since τ needs a value on a probability-like scale.
 - ``teacher_contrastive: false`` skips the teacher forward on x̃ and the E_T term. That term only
   trains E_T, which nothing else reads, so the student's weights are bit-identical either way
   (E_T is built in both cases; the teacher forward draws no random numbers).
@@ -41,14 +48,16 @@ from kd3.methods.kd3.deploy import SharedClassifierStudent, probe_input, shared_
 from kd3.methods.kd3.mixdistribution import mix_distribution, sample_mix
 from kd3.methods.kd3.projector import Projector, common_size, pool_to
 from kd3.methods.kd3.schedule import TeacherWeight
-from kd3.methods.kd3.selection import blended_prediction, select
+from kd3.methods.kd3.selection import Selection, blended_prediction, percentile_select, select
 from kd3.methods.kd3.teacher_targets import TeacherTargets
 from kd3.methods.kd3.weighting import WEIGHTINGS, get_weighting
 from kd3.methods.losses import kd_loss
 from kd3.models.base import Net
+from kd3.scores import compute_score, percentile_ranks, resolve, teacher_outputs
 from kd3.utils.progress import progress
 
 SELECTION_VIEWS = ("augmented", "clean")
+THRESHOLD_RULES = ("auto", "flexmatch", "percentile")
 
 
 @dataclass
@@ -58,6 +67,9 @@ class KD3Options:
     # augmented (released: a random crop+flip view, eval mode) or clean (teacher logits cached once)
     selection_view: str = "augmented"
     base_threshold: float = 0.95  # τ of the class-adaptive thresholds
+    selection_score: str = "blended"  # blended (released) or a kd3.scores name (e.g. "default") in place of c_j
+    thresholds: str = "auto"  # flexmatch (released), percentile, or auto: flexmatch for blended, else percentile
+    keep_fraction: float = 0.3  # percentile thresholds: at most this share of the pool is selected
     teacher_weight_cutoff: float = 0.5  # a(e) = 0 from this fraction of the epochs on
     teacher_weight_horizon: float = 2 / 3  # fraction of the epochs where the a(e) curve reaches 0
     teacher_weight_sharpness: float = 5.0  # a(e) = 1 − exp(−sharpness · ((e+1)/horizon − 1)²)
@@ -84,6 +96,8 @@ class KD3Options:
                                                      f"{', '.join(SELECTION_VIEWS)}"),
             (self.weighting in WEIGHTINGS, f"weighting={self.weighting!r}; valid: {', '.join(WEIGHTINGS)}"),
             (0 < self.base_threshold <= 1, f"base_threshold={self.base_threshold} must be in (0, 1]"),
+            (self.thresholds in THRESHOLD_RULES, f"thresholds={self.thresholds!r}; valid: {', '.join(THRESHOLD_RULES)}"),
+            (0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1]"),
             (self.kd_temperature > 0, f"kd_temperature={self.kd_temperature} must be positive"),
             (self.mix_alpha > 0, f"mix_alpha={self.mix_alpha} must be positive"),
             (0 < self.mix_probability <= 1, f"mix_probability={self.mix_probability} must be in (0, 1]"),
@@ -96,6 +110,18 @@ class KD3Options:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"kd3 options: {message}")
+        if self.selection_score != "blended":
+            try:
+                resolve(self.selection_score)
+            except ValueError as error:
+                raise ValueError(f"kd3 options: selection_score: {error} (or \"blended\")") from error
+
+    @property
+    def threshold_rule(self) -> str:
+        """flexmatch or percentile, with ``auto`` resolved."""
+        if self.thresholds != "auto":
+            return self.thresholds
+        return "flexmatch" if self.selection_score == "blended" else "percentile"
 
 
 def probe_feature_shape(net: Net, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -140,6 +166,7 @@ class KD3(Method):
                                                     options.teacher_weight_horizon, options.teacher_weight_sharpness)
         self.targets = TeacherTargets(ctx, options.teacher_views, self.feature_shape, options.teacher_cache_gb)
         self.clean_teacher_logits: torch.Tensor | None = None  # selection_view=clean: the pool's, once
+        self.relevance: torch.Tensor | None = None  # selection_score's value per pool image, once
         self.selection_record: dict[str, Any] = {}  # the current selection (checkpointed in method_state)
         self.sums: dict[str, torch.Tensor] = {}  # per-epoch loss parts, as tensors (no sync per step)
         self.images_seen = 0
@@ -220,6 +247,25 @@ class KD3(Method):
         self.train(was_training)
         return confidence, prediction
 
+    def _relevance(self) -> torch.Tensor:
+        """``selection_score`` of every pool image, from one teacher pass on clean views (the teacher is
+        frozen, so it never changes during a run)."""
+        if self.relevance is None:
+            ctx = self.ctx
+            outputs = teacher_outputs(self.teacher, ctx.images, ctx.normalize, ctx.batch_size, ctx.device,
+                                      ctx.progress)
+            self.relevance = compute_score(self.options.selection_score, outputs)
+        return self.relevance
+
+    def _select(self, confidence: torch.Tensor, prediction: torch.Tensor) -> Selection:
+        options, num_classes = self.options, self.ctx.num_classes
+        score = confidence if options.selection_score == "blended" else self._relevance()
+        if options.threshold_rule == "percentile":
+            return percentile_select(score, prediction, num_classes, options.keep_fraction)
+        if options.selection_score != "blended":
+            score = percentile_ranks(score)
+        return select(score, prediction, num_classes, options.base_threshold)
+
     def begin_epoch(self, epoch: int) -> EpochPlan:
         self.sums, self.images_seen, self.steps = {}, 0, 0
         everything = torch.arange(self.ctx.pool_size)
@@ -227,7 +273,7 @@ class KD3(Method):
             self.selection_record = {"epoch": epoch, "indices": everything, "selected": len(everything)}
             return EpochPlan(indices=everything)
         weight = self.teacher_weight(epoch)
-        selection = select(*self._score_pool(weight), self.ctx.num_classes, self.options.base_threshold)
+        selection = self._select(*self._score_pool(weight))
         indices = selection.indices
         if selection.empty:
             warnings.warn(f"kd3 epoch {epoch + 1}: no pool image cleared its class threshold; training on the "

@@ -1,0 +1,110 @@
+"""One teacher inference pass over a pool, with hooks, keeping what every score needs.
+
+What is kept per image is deliberately small, so a pool of millions still fits: the logits, the L2
+and L1 norms of the penultimate vector h (the input of ``net.classifier``, i.e. ``Net.pool``'s
+output), and for every BatchNorm2d layer each BatchNorm-distance variant. Per-image per-channel
+statistics would be N × Σ channels (thousands of channels for a ResNet), the distances are N × L.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd3.data.augment import Normalizer
+from kd3.scores.formulas import BN_VARIANTS, bn_distance
+from kd3.utils.progress import progress
+
+
+@dataclass
+class TeacherOutputs:
+    logits: torch.Tensor  # N×K float32
+    feature_l2: torch.Tensor  # N, ‖h‖₂ of the classifier's input
+    feature_l1: torch.Tensor  # N, ‖h‖₁ (GradNorm's factor)
+    bn_distances: dict[str, torch.Tensor]  # variant -> N×L, one column per BatchNorm2d layer in run order
+    bn_layers: list[str]  # the L layer names, in the order they ran
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain tensors, strings and dicts: loadable with ``torch.load(weights_only=True)``."""
+        return {"logits": self.logits, "feature_l2": self.feature_l2, "feature_l1": self.feature_l1,
+                "bn_distances": dict(self.bn_distances), "bn_layers": list(self.bn_layers)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TeacherOutputs:
+        return cls(logits=record["logits"], feature_l2=record["feature_l2"], feature_l1=record["feature_l1"],
+                   bn_distances=dict(record["bn_distances"]), bn_layers=list(record["bn_layers"]))
+
+
+class _Recorder:
+    """Forward pre-hooks that turn one batch's classifier input and BN inputs into per-image numbers."""
+
+    def __init__(self, net: nn.Module):
+        classifier = getattr(net, "classifier", None)
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"{type(net).__name__} has no nn.Linear `classifier`; relevance scores need a kd3 Net")
+        self.names = {module: name for name, module in net.named_modules() if isinstance(module, nn.BatchNorm2d)}
+        self.handles = [classifier.register_forward_pre_hook(self._classifier_input)]
+        self.handles += [layer.register_forward_pre_hook(self._batchnorm_input) for layer in self.names]
+        self.features: list[torch.Tensor] = []  # per batch: N×2 (L2, L1)
+        self.batchnorm: list[tuple[str, dict[str, torch.Tensor]]] = []  # per layer run, this batch
+
+    def _classifier_input(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        h = inputs[0].float().flatten(1)
+        self.features.append(torch.stack([h.norm(dim=1), h.abs().sum(dim=1)], dim=1).cpu())
+
+    def _batchnorm_input(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        mean, var = x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False)
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(f"BatchNorm layer {self.names[module]!r} tracks no running statistics")
+        self.batchnorm.append((self.names[module], {
+            v: bn_distance(mean, var, module.running_mean, module.running_var, module.eps, v).cpu()
+            for v in BN_VARIANTS}))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def teacher_outputs(net: nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = 1024,
+                    device: torch.device | str = "cpu", show_progress: bool = False) -> TeacherOutputs:
+    """Run ``net`` once over uint8 ``images`` (clean views, eval mode) and keep what the scores need.
+
+    The network's train/eval mode is restored afterwards; its weights and running statistics are
+    never changed (eval mode, inference mode).
+    """
+    was_training = net.training
+    net.eval()
+    recorder = _Recorder(net)
+    logits, features = [], []
+    distances: dict[str, list[torch.Tensor]] = {v: [] for v in BN_VARIANTS}
+    layers: list[str] | None = None
+    try:
+        for start in progress(range(0, len(images), batch_size), desc="teacher scores", enabled=show_progress):
+            recorder.features, recorder.batchnorm = [], []
+            x = normalize(images[start:start + batch_size].to(device))
+            logits.append(net(x).float().cpu())
+            if len(recorder.features) != 1:
+                raise ValueError(f"the classifier of {type(net).__name__} ran {len(recorder.features)} times in one "
+                                 "forward; relevance scores need it to run exactly once")
+            features.append(recorder.features[0])
+            names = [name for name, _ in recorder.batchnorm]
+            if layers is None:
+                layers = names
+            for variant in BN_VARIANTS:
+                per_layer = [d[variant] for _, d in recorder.batchnorm]
+                distances[variant].append(torch.stack(per_layer, dim=1) if per_layer else torch.zeros(len(x), 0))
+    finally:
+        recorder.remove()
+        net.train(was_training)
+    if not logits:
+        raise ValueError("no images to score")
+    norms = torch.cat(features)
+    return TeacherOutputs(logits=torch.cat(logits), feature_l2=norms[:, 0], feature_l1=norms[:, 1],
+                          bn_distances={v: torch.cat(d) for v, d in distances.items()}, bn_layers=layers or [])

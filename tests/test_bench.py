@@ -1,0 +1,228 @@
+"""``kd3 bench``: specs expand into runs, interrupted benches resume without re-running finished runs,
+tables report paired differences that match a hand computation, and one real tiny bench runs
+through the ``kd3 distill`` subprocess path."""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli import teacher_path, workdir  # noqa: F401  (the tiny UCI-digits teacher fixture)
+
+from kd3.bench import runner
+from kd3.bench.cli import add_bench_parser
+from kd3.bench.records import load_group
+from kd3.bench.runner import RunFailed, Runner, config_digest, resolved_config
+from kd3.bench.spec import groups, load_spec, plan_runs
+from kd3.bench.tables import write_tables
+from kd3.config import ConfigError, save_config
+from kd3.data.pool import Pool
+from kd3.data.sources import load_source
+from kd3.engine.logging import MetricsLog
+
+torch.set_num_threads(1)
+
+STAMP = {"commit": "abc1234", "bench_command": "kd3 bench digits-wild",
+         "machine": {"cores": 2, "cpu": "test CPU", "gpu": None, "torch": torch.__version__}}
+# Per-seed last-epoch accuracies the fake runs report; the paired-difference test recomputes by hand.
+ACCURACY = {"blind_kd": [0.80, 0.82, 0.84], "kd3": [0.83, 0.84, 0.86], "oracle": [0.90, 0.92, 0.93]}
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    """The real digits-wild spec, writing under tmp_path; test-set size fixed (no dataset load)."""
+    monkeypatch.setattr(runner, "test_set_size", lambda data: 1000)
+    return load_spec("digits-wild", [f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}"])
+
+
+class FakeLaunch:
+    """Stands in for the `kd3 distill` subprocess: writes a run directory like a finished run
+    (config.yaml, metrics.jsonl) and counts launches; ``stop_after`` raises KeyboardInterrupt on
+    the launch after that many, as Ctrl-C would."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.launched: list[tuple[str, str, int, object]] = []
+        self.stop_after = stop_after
+
+    def __call__(self, run, resume):
+        if self.stop_after is not None and len(self.launched) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.launched.append((run.group, run.row, run.seed, resume))
+        cfg = resolved_config(run)
+        run_dir = resume or run.output_dir / f"run-{len(self.launched)}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        log, epochs = MetricsLog(run_dir / "metrics.jsonl"), cfg.train.epochs
+        final = ACCURACY.get(run.row, [0.5] * 10)[run.seed]
+        for epoch in range(1, epochs + 1):
+            record = {"epoch": epoch, "train_images": 100, "epoch_time": 0.5, "elapsed": 0.6 * epoch,
+                      "test_acc": final if epoch == epochs else 0.99}  # an earlier epoch is best: must not count
+            if run.kind != "reference":
+                record["selection"] = {"selected": 50, "precision": 0.3 + 0.01 * epoch, "recall": 1.0,
+                                       "precision_correct": "nan", "recall_correct": 0.5}
+            log.write(record)
+        return run_dir
+
+
+def _run(spec, runs, launch, jobs=1):
+    return Runner(spec.results_root, STAMP, launcher=launch, say=lambda text: None).run(runs, jobs=jobs)
+
+
+def test_specs_expand_into_the_protocol_runs():
+    fashion = load_spec("fashion-wild")
+    assert [r.name for r in fashion.rows] == [
+        "teacher", "supervised", "kd-original", "oracle", "blind_kd", "dfnd", "dafl", "deepinversion", "kd3",
+        "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution"]
+    assert {r.name: r.kind for r in fashion.rows if r.kind != "method"} == {
+        "teacher": "teacher", "supervised": "reference", "kd-original": "reference", "oracle": "oracle"}
+    main = plan_runs(fashion, groups(fashion))
+    assert len(main) == 12 * 3 and fashion.baseline == "blind_kd"
+    run = next(r for r in main if r.row == "kd3-no-weighting" and r.seed == 2)
+    assert run.overrides[:2] == ("method.weighting=uniform", "train.seed=2")
+    assert not any(o.startswith("pool.seed") for o in run.overrides)  # one pool for every seed
+    cfg = resolved_config(run)
+    assert cfg.method["weighting"] == "uniform" and cfg.train.seed == 2 and cfg.train.threads == 1
+    sweep = plan_runs(fashion, groups(fashion, sweep=True), ["kd3"], [0])
+    assert [resolved_config(r).pool.irrelevant_fraction for r in sweep] == [0.0, 0.25, 0.5, 0.7, 0.9]
+    hard = plan_runs(fashion, groups(fashion, hard=True))
+    assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "oracle"}
+    assert all(resolved_config(r).pool.variant == "hard" for r in hard)
+    # The sweep point at the default fraction computes exactly what the main table does.
+    main_kd3 = next(r for r in main if r.row == "kd3" and r.seed == 0)
+    assert config_digest(resolved_config(sweep[3])) == config_digest(resolved_config(main_kd3))
+    with pytest.raises(ConfigError, match="dafl"):
+        plan_runs(fashion, groups(fashion, sweep=True), ["dafl"])
+
+
+def test_interrupted_bench_resumes_without_rerunning_finished_runs(spec):
+    runs = plan_runs(spec, groups(spec), ["blind_kd", "kd3", "supervised"])
+    first = FakeLaunch(stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(spec, runs, first)
+    finished = {(r.row, r.seed) for r in runs if r.record.is_file()}
+    assert len(finished) == 4 and finished == {(row, seed) for _, row, seed, _ in first.launched}
+    second = FakeLaunch()
+    outcome = _run(spec, runs, second, jobs=2)
+    relaunched = {(row, seed) for _, row, seed, _ in second.launched}
+    assert relaunched == {(r.row, r.seed) for r in runs} - finished and len(second.launched) == len(runs) - 4
+    assert (outcome.cached, outcome.ran, outcome.failed) == (4, len(runs) - 4, [])
+    third = FakeLaunch()
+    assert _run(spec, runs, third).cached == len(runs) and third.launched == []
+    record = json.loads(next(r for r in runs if r.row == "kd3" and r.seed == 1).record.read_text())
+    assert record["test_acc"] == 0.84 and record["test_acc_se"] == pytest.approx(math.sqrt(0.84 * 0.16 / 1000))
+    assert record["selection_last"]["precision"] == pytest.approx(0.5)  # epoch 20 of 20
+    assert record["selection_mean"]["precision"] == pytest.approx(0.405)  # mean of 0.31 … 0.50
+    assert record["selection_last"]["precision_correct"] is None  # a logged NaN stays JSON-valid
+    assert record["images_seen"] == 2000 and record["train_images_per_s"] == pytest.approx(200)
+    assert "train.seed=1" in record["overrides"] and record["commit"] == "abc1234"
+
+
+def test_cut_short_run_resumes_from_its_checkpoint(spec):
+    (run,) = plan_runs(spec, groups(spec), ["blind_kd"], [0])
+    launch = FakeLaunch()
+
+    def crash(run, resume):  # got as far as a checkpoint, then died
+        run_dir = launch(run, resume)
+        (run_dir / "last.pt").write_bytes(b"checkpoint")
+        raise RunFailed("exit code 1")
+
+    assert _run(spec, [run], crash).failed and not run.record.is_file()
+    (crashed,) = [d for d in run.output_dir.iterdir() if d.is_dir()]
+    again = FakeLaunch()
+    _run(spec, [run], again)
+    assert again.launched == [("runs", "blind_kd", 0, crashed)] and run.record.is_file()
+    # An attempt made with other settings (the spec changed since) is started afresh instead.
+    run.record.unlink()
+    (crashed / "config.yaml").write_text((crashed / "config.yaml").read_text().replace("lr: 0.05", "lr: 0.1"))
+    fresh = FakeLaunch()
+    _run(spec, [run], fresh)
+    assert fresh.launched == [("runs", "blind_kd", 0, None)]
+
+
+def test_tables_list_every_row_and_pair_differences_by_seed(spec):
+    runs = plan_runs(spec, groups(spec), ["blind_kd", "kd3", "oracle"])
+    _run(spec, runs, FakeLaunch())
+    next(r for r in runs if r.row == "oracle" and r.seed == 2).record.unlink()  # oracle: 2 of 3 seeds
+    printed = write_tables(spec)
+    results = json.loads((spec.results_root.parent / "digits-wild.json").read_text())
+    rows = {r["name"]: r for r in results["groups"]["runs"]}
+    assert list(rows) == [r.name for r in spec.rows]  # every requested row, run or not
+
+    # By hand: kd3 − blind_kd per seed = 0.03, 0.02, 0.02 -> mean 0.0233, SE = std(ddof=1)/√3.
+    diffs = [k - b for k, b in zip(ACCURACY["kd3"], ACCURACY["blind_kd"])]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert rows["kd3"]["diff"] == pytest.approx(mean) and rows["kd3"]["diff_se"] == pytest.approx(se)
+    assert rows["kd3"]["mean"] == pytest.approx(0.8433333) and rows["kd3"]["std"] == pytest.approx(np.std(ACCURACY["kd3"], ddof=1))
+    # The oracle pairs only the seeds it has (0, 1): differences 0.10, 0.10 (unpaired means would give 0.09).
+    assert rows["oracle"]["diff"] == pytest.approx(0.10) and rows["oracle"]["diff_seeds"] == 2
+    assert rows["oracle"]["seeds"] == [0, 1] and rows["dafl"]["seeds"] == []
+
+    page = (spec.results_root.parent / "digits-wild.md").read_text()
+    table = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    assert set(table) >= {r.name for r in spec.rows}
+    assert f"+{100 * mean:.2f} ± {100 * se:.2f}" in table["kd3"] and "| 3 |" in table["kd3"]
+    assert "2/3*" in table["oracle"] and "provenance" in table["oracle"] and "not run" in table["dafl"]
+    assert "original data" in table["supervised"] and "abc1234" in page and "test CPU" in page
+    bars = spec.results_root.parent / "digits-wild-bars.png"
+    assert "(digits-wild-bars.png)" in page and bars.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bars.stat().st_size > 1000
+    title, columns, cells = printed[0]
+    assert len(cells) == len(spec.rows) and all(len(c) == len(columns) for c in cells)
+
+
+def test_sweep_reuses_the_main_tables_runs_and_writes_its_page(spec):
+    _run(spec, plan_runs(spec, groups(spec), ["blind_kd", "kd3"], [0, 1]), FakeLaunch())
+    launch = FakeLaunch()
+    outcome = _run(spec, plan_runs(spec, groups(spec, sweep=True), ["blind_kd", "kd3"], [0, 1]), launch)
+    assert outcome.reused == 4 and all(group != "sweep/0.7" for group, *_ in launch.launched)
+    assert load_group(spec.results_root, "sweep/0.7")["kd3"][1]["test_acc"] == 0.84
+    write_tables(spec, [0, 1])
+    page = (spec.results_root.parent / "digits-wild-sweep.md").read_text()
+    assert "70% irrelevant" in page and "+2.50 ± 0.50" in page  # kd3 − blind_kd on seeds 0, 1
+    assert (spec.results_root.parent / "digits-wild-sweep.png").stat().st_size > 1000
+    assert "digits-wild-sweep.md" in (spec.results_root.parent / "digits-wild.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def provenance_pool(workdir):  # noqa: F811
+    """UCI digits (relevant, labels as provenance) plus as many noise images (irrelevant)."""
+    digits = load_source("uci-digits:train")
+    n = 300
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8))
+    pool = Pool(images=torch.cat([digits.images[:n], noise]), source=np.array(["uci"] * n + ["noise"] * n),
+                style=np.array(["clean"] * n + ["none"] * n), relevant=np.arange(2 * n) < n,
+                true_label=np.concatenate([digits.labels[:n].numpy(), np.full(n, -1)]),
+                meta={"pool": "tiny", "provenance": True})
+    return pool.save(workdir / "provenance-pool.npz")
+
+
+def test_tiny_bench_end_to_end_through_subprocesses(tmp_path, teacher_path, provenance_pool, capsys):  # noqa: F811
+    common = [f"teacher.checkpoint={teacher_path}", "teacher.recipe=", "pool.name=file", f"pool.path={provenance_pool}",
+              "eval_data=uci-digits:test", "train.epochs=2", "train.batch_size=64"]
+    rows = [{"name": "teacher", "kind": "teacher", "config": "configs/digits-wild/blind_kd.yaml", "overrides": common},
+            {"name": "blind_kd", "kind": "method", "config": "configs/digits-wild/blind_kd.yaml", "overrides": common},
+            {"name": "oracle", "kind": "oracle", "config": "configs/digits-wild/oracle.yaml", "overrides": common}]
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(json.dumps({"name": "tiny", "seeds": [0], "baseline": "blind_kd", "rows": rows,
+                                     "results_dir": str(tmp_path / "results"), "runs_dir": str(tmp_path / "runs")}))
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(spec_file), "--jobs", "2"])
+    args.func(args)
+    assert "2 run, 0 reused, 0 cached, 0 failed" in capsys.readouterr().out
+    found = load_group(tmp_path / "results" / "tiny", "runs")
+    for row, precision in [("blind_kd", 0.5), ("oracle", 1.0)]:
+        record = found[row][0]
+        history = MetricsLog(Path(record["run_dir"]) / "metrics.jsonl").read()
+        assert record["test_acc"] == history[-1]["test_acc"] and record["test_images"] == 359
+        assert record["selection_last"]["precision"] == pytest.approx(precision)
+        assert record["machine"]["cores"] >= 1 and record["commit"]
+    page = (tmp_path / "results" / "tiny.md").read_text()
+    assert all(f"| {name} |" in page for name in ("teacher", "blind_kd", "oracle"))
+    assert "600 images (tiny)" in page  # the pool's composition, recorded by the bench's prepare step
+    args.func(args)  # a second call finds everything cached
+    assert "0 run, 0 reused, 2 cached" in capsys.readouterr().out
