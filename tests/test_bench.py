@@ -4,6 +4,7 @@ through the ``kd3 distill`` subprocess path."""
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,10 @@ def test_specs_expand_into_the_protocol_runs():
     assert config_digest(resolved_config(sweep[3])) == config_digest(resolved_config(main_kd3))
     with pytest.raises(ConfigError, match="dafl"):
         plan_runs(fashion, groups(fashion, sweep=True), ["dafl"])
+    # A typo in a row's method options stops the bench before anything runs, naming the run.
+    typo = replace(main_kd3, overrides=("method.selektion=false", *main_kd3.overrides))
+    with pytest.raises(ConfigError, match="kd3 seed 0: unknown key 'method.selektion'"):
+        runner.prepare(fashion, [typo])
 
 
 def test_interrupted_bench_resumes_without_rerunning_finished_runs(spec):

@@ -85,10 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["torchscript", "onnx", "all"], default="torchscript")
     p.set_defaults(func=cmd_export)
 
+    from kd3.bench.cli import add_bench_parser
     from kd3.data_cli import add_data_parser
     from kd3.report.cli import add_report_parser
 
     add_data_parser(sub)
+    add_bench_parser(sub)
     add_report_parser(sub)
     p = sub.add_parser("demo", help="the README demo: KD³ and blind KD side by side on fashion-wild")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")

@@ -31,7 +31,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                    "and writes results/NAME.md, .json and charts.")
     p.add_argument("name", help="a bench (fashion-wild, digits-wild) or a bench spec .yaml")
     p.add_argument("--methods", type=_names, help="comma-separated rows to run, e.g. blind_kd,kd3 (default: all)")
-    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1 (default: the spec's)")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1 (default: the spec's); the tables then cover these seeds")
     p.add_argument("--jobs", type=_jobs, default=1,
                    help="runs at once, each one process with one thread (at most the number of cores)")
     p.add_argument("--sweep", action="store_true", help="run the irrelevant-fraction sweep instead of the main table")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.tables_only:
         runs = plan_runs(spec, groups(spec, sweep=args.sweep, hard=args.hard), args.methods, args.seeds)
         runner.prepare(spec, runs)
-        bench = runner.Runner(spec.results_root, runner.stamp(command_line(args)), say=partial(print, flush=True))
+        bench = runner.Runner(spec.results_root, runner.run_stamp(command_line(args)), say=partial(print, flush=True))
         outcome = bench.run(runs, jobs=args.jobs)
         print(f"{outcome.ran} run, {outcome.reused} reused, {outcome.cached} cached, {len(outcome.failed)} failed")
         failed = outcome.failed

@@ -26,7 +26,7 @@ from typing import Any
 from kd3.bench.records import all_records, read_context, read_json, write_context, write_json
 from kd3.bench.spec import BenchSpec, Run
 from kd3.bench.stats import binomial_se, mean_std
-from kd3.config import DistillConfig, load_config, to_dict
+from kd3.config import ConfigError, DistillConfig, load_config, to_dict
 from kd3.engine.logging import MetricsLog
 
 SELECTION_KEYS = ("selected", "precision", "recall", "precision_correct", "recall_correct")
@@ -157,7 +157,7 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def stamp(command: str) -> dict[str, Any]:
+def run_stamp(command: str) -> dict[str, Any]:
     """What every record notes about where it came from: commit (+dirty when tracked files
     differ from it), the bench command, the machine."""
     import torch
@@ -171,11 +171,19 @@ def stamp(command: str) -> dict[str, Any]:
 
 
 def prepare(spec: BenchSpec, runs: list[Run]) -> dict[str, Any]:
-    """Train (once) or load the teacher and build each group's pool before parallel runs could
-    race to make them; record the teacher's accuracy and the pools' composition for the tables."""
+    """Check every run's settings, train (once) or load the teacher and build each group's pool
+    before parallel runs could race to make them; record the teacher's accuracy and the pools'
+    composition for the tables."""
     from kd3 import api
+    from kd3.methods.base import get_method
     from kd3.paths import expand
 
+    for run in runs:  # a typo in a spec should stop the bench now, not hours into it
+        try:
+            cfg = resolved_config(run)
+            api.method_options(get_method(cfg.method.get("name", "")), cfg.method)
+        except ConfigError as error:
+            raise ConfigError(f"{run.label}: {error}") from None
     teacher_cfg = load_config(DistillConfig, spec.teacher_row.config, spec.teacher_row.overrides)
     _, info = api.prepare_teacher(teacher_cfg)
     test_data = info.recipe.get("test_data", "")
@@ -185,12 +193,13 @@ def prepare(spec: BenchSpec, runs: list[Run]) -> dict[str, Any]:
         "val_accuracy": info.val_accuracy, "test_images": test_set_size(test_data) if test_data else None,
         "sha256": info.sha256, "checkpoint": str(expand(teacher_cfg.teacher.checkpoint)),
     }
-    pools = context.setdefault("pools", {})
+    pools, done = context.setdefault("pools", {}), set()
     for run in runs:
-        if run.kind != "reference" and run.group not in pools:
+        if run.kind != "reference" and run.group not in done:  # rebuilt each call: the spec may have changed
             cfg = resolved_config(run)
             pool = api.load_pool(replace(cfg, pool=replace(cfg.pool, oracle=False)))
             pools[run.group] = {"images": len(pool), "meta": pool.meta}
+            done.add(run.group)
     write_context(spec.results_root, context)
     return context
 
@@ -211,6 +220,9 @@ class Runner:
         self.launcher = launcher
         self.say = say
         self.lock = threading.Lock()
+        # Per call of run(): progress counters and finished records by config digest.
+        self.outcome, self.total, self.done, self.started = Outcome(), 0, 0, time.perf_counter()
+        self.twins: dict[str, Path] = {}
 
     def run(self, runs: list[Run], jobs: int = 1) -> Outcome:
         """Bring every run to a cached record; ``jobs`` runs at a time."""

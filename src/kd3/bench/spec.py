@@ -8,6 +8,7 @@ folder, so the main table, every sweep point and the hard variant never overwrit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 from kd3.config import ConfigError, load_config
@@ -158,18 +159,15 @@ def plan_runs(spec: BenchSpec, chosen: list[Group], rows: list[str] | None = Non
         raise ConfigError(f"bench {spec.name}: {', '.join(unknown)} not among these runs' rows "
                           f"({', '.join(sorted(planned))})")
     runs = []
-    for group in chosen:
-        for name in group.rows:
-            if rows and name not in rows:
-                continue
-            row = spec.row(name)
-            for seed in seeds if seeds is not None else spec.seeds:
-                output_dir = spec.runs_root / group.name / name / f"seed{seed}"
-                # pool.seed is left alone: every seed distils from the same pool, only training varies.
-                overrides = (*row.overrides, *group.overrides, f"train.seed={seed}", "train.threads=1",
-                             "progress=false", f"output_dir={output_dir}")
-                runs.append(Run(bench=spec.name, group=group.name, row=name, kind=row.kind, seed=seed,
-                                config=row.config, overrides=overrides,
-                                record=spec.results_root / group.name / name / f"seed{seed}.json",
-                                output_dir=output_dir))
+    # Seed-major: a bench stopped halfway has whole seeds of every row, so its tables already read.
+    for seed, group in product(seeds if seeds is not None else spec.seeds, chosen):
+        for row in (spec.row(name) for name in group.rows if not rows or name in rows):
+            output_dir = spec.runs_root / group.name / row.name / f"seed{seed}"
+            # pool.seed is left alone: every seed distils from the same pool, only training varies.
+            overrides = (*row.overrides, *group.overrides, f"train.seed={seed}", "train.threads=1",
+                         "progress=false", f"output_dir={output_dir}")
+            runs.append(Run(bench=spec.name, group=group.name, row=row.name, kind=row.kind, seed=seed,
+                            config=row.config, overrides=overrides,
+                            record=spec.results_root / group.name / row.name / f"seed{seed}.json",
+                            output_dir=output_dir))
     return runs

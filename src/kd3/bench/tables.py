@@ -82,14 +82,15 @@ def _pct(mean: float, spread: float) -> str:
 
 
 def _mark(row: dict[str, Any]) -> str:
-    return "*" if len(row["seeds"]) < row["seeds_requested"] else ""
+    """``*`` on a row with some, but fewer than the requested, seeds (one with none says "not run")."""
+    return "*" if 0 < len(row["seeds"]) < row["seeds_requested"] else ""
 
 
 def _seeds(row: dict[str, Any]) -> str:
     if row["kind"] == "teacher":
         return ""
     done, wanted = len(row["seeds"]), row["seeds_requested"]
-    return f"{done}/{wanted}{_mark(row)}" if _mark(row) else str(done)
+    return str(done) if done >= wanted else f"{done}/{wanted}{_mark(row)}"
 
 
 def _accuracy(row: dict[str, Any]) -> str:
@@ -226,11 +227,11 @@ class Section:
 
 
 def _table_section(spec: BenchSpec, group: str, names: list[str], seeds: list[int], context: dict[str, Any],
-                   title: str, level: str) -> Section:
+                   title: str) -> Section:
     """A full table (the main one, or the hard variant's)."""
     rows, records = group_rows(spec, group, names, seeds, context)
     columns, cells = table_columns(spec.baseline), [table_cells(r) for r in rows]
-    return Section(lines=[f"{level} {title}", "", *markdown_table(columns, cells), ""],
+    return Section(lines=[f"## {title}", "", *markdown_table(columns, cells), ""],
                    printable=[(title, columns, cells)], groups={group: rows}, records=records,
                    pools={group: pool_composition(context.get("pools", {}).get(group))})
 
@@ -250,8 +251,7 @@ def _sweep_section(spec: BenchSpec, seeds: list[int], context: dict[str, Any], o
     if not section.records:
         return section  # nothing run yet: no page, no empty chart
     names = spec.sweep.rows
-    accuracy = [[name, *[_accuracy(rows[i]) + (_mark(rows[i]) if rows[i]["seeds"] else "") for rows in by_value.values()]]
-                for i, name in enumerate(names)]
+    accuracy = [[name, *[_accuracy(rows[i]) + _mark(rows[i]) for rows in by_value.values()]] for i, name in enumerate(names)]
     deltas = [[name, *[_diff(rows[i]) for rows in by_value.values()]] for i, name in enumerate(names)]
     series = {name: [(v, rows[i]["mean"], rows[i]["std"]) for v, rows in by_value.items()] for i, name in enumerate(names)}
     chart = plots.sweep_plot(series, f"{spec.name}: accuracy vs irrelevant fraction", out / f"{spec.name}-sweep.png")
@@ -271,7 +271,7 @@ def write_tables(spec: BenchSpec, seeds: list[int] | None = None) -> list[Printa
     context = read_context(spec.results_root)
     out = Path(spec.results_dir)
     title = f"{spec.name}: last-epoch test accuracy, mean ± std over seeds {seeds}"
-    main = _table_section(spec, MAIN_GROUP, [r.name for r in spec.rows], seeds, context, title, "##")
+    main = _table_section(spec, MAIN_GROUP, [r.name for r in spec.rows], seeds, context, title)
     facts = header(spec, main.records, context, seeds, main.pools)
     bars = plots.bar_chart(main.groups[MAIN_GROUP], title, out / f"{spec.name}-bars.png")
     lines = [f"# {spec.name}", "", *_bullets(facts), "",
@@ -282,7 +282,7 @@ def write_tables(spec: BenchSpec, seeds: list[int] | None = None) -> list[Printa
         variants.add(_sweep_section(spec, seeds, context, out))
     if spec.hard:
         variants.add(_table_section(spec, "hard", spec.hard.rows, seeds, context,
-                                    f"{spec.name}, hard variant ({' '.join(spec.hard.overrides)})", "##"))
+                                    f"{spec.name}, hard variant ({' '.join(spec.hard.overrides)})"))
     if variants.records:
         page = out / f"{spec.name}-sweep.md"
         page.write_text("\n".join([f"# {spec.name}: pool variations", "",

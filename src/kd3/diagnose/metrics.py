@@ -43,12 +43,17 @@ def precision_recall(kept: np.ndarray, relevant: np.ndarray) -> tuple[float, flo
 
 def group_aurocs(score: np.ndarray, relevant: np.ndarray, source: np.ndarray,
                  style: np.ndarray) -> dict[str, float]:
-    """AUROC overall, then all relevant vs each irrelevant source (``src:<name>``), then each relevant
-    style vs all irrelevant images (``style:<name>``)."""
+    """AUROC overall, then all relevant vs each irrelevant source (``src:<name>``), then, when there are
+    several relevant sources, each vs all irrelevant images (``rel:<name>``), then each relevant style
+    vs all irrelevant images (``style:<name>``)."""
     result = {"overall": auroc(score, relevant)}
     for name in sorted(set(source[~relevant].tolist())):
         chosen = relevant | (source == name)
         result[f"src:{name}"] = auroc(score[chosen], relevant[chosen])
+    relevant_sources = sorted(set(source[relevant].tolist()))
+    for name in relevant_sources if len(relevant_sources) > 1 else []:
+        chosen = ~relevant | (source == name)
+        result[f"rel:{name}"] = auroc(score[chosen], relevant[chosen])
     for name in sorted(set(style[relevant].tolist())):
         chosen = ~relevant | (style == name)
         result[f"style:{name}"] = auroc(score[chosen], relevant[chosen])

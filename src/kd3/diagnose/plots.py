@@ -91,7 +91,7 @@ def score_aurocs(d: Diagnosis, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 4, 0.38 * len(names) + 2))
     _heatmap(ax, values, names, columns, ".2f", cmap="RdYlGn", vmin=0, vmax=1)
     ax.set_title("AUROC relevant vs irrelevant (0.5 = chance; src: all relevant vs that source; "
-                 "style: that style vs all irrelevant)", fontsize=9)
+                 "rel: / style: that relevant source / style vs all irrelevant)", fontsize=9)
     return _save(fig, out / "score_auroc.png")
 
 

@@ -67,8 +67,9 @@ def blocks(d: Diagnosis, header: list[str], images: dict[str, Path]) -> list[Blo
                           "higher = more relevant. Rank combinations (minrank:, meanrank:) work on pool percentiles."))
     if d.aurocs:
         out += [Block("p", "AUROC relevant vs irrelevant: `overall`; `src:X` = all relevant images vs irrelevant "
-                           "source X; `style:Y` = relevant images of style Y vs all irrelevant ones. 0.5 is chance, "
-                           "below 0.5 the score prefers junk."),
+                           "source X; `rel:R` = relevant source R vs all irrelevant images (when there are several); "
+                           "`style:Y` = relevant images of style Y vs all irrelevant ones. 0.5 is chance, below 0.5 "
+                           "the score prefers junk."),
                 Block("table", columns=("score", *auroc_columns(d)), rows=tuple(map(tuple, auroc_rows(d)))),
                 Block("img", "score_auroc.png"),
                 Block("p", "Selection at 30 / 50 / 70 % of the pool kept: P and R = precision and recall of the "

@@ -94,9 +94,8 @@ def teacher_outputs(net: nn.Module, images: torch.Tensor, normalize: Normalizer,
                 raise ValueError(f"the classifier of {type(net).__name__} ran {len(recorder.features)} times in one "
                                  "forward; relevance scores need it to run exactly once")
             features.append(recorder.features[0])
-            names = [name for name, _ in recorder.batchnorm]
             if layers is None:
-                layers = names
+                layers = [name for name, _ in recorder.batchnorm]
             for variant in BN_VARIANTS:
                 per_layer = [d[variant] for _, d in recorder.batchnorm]
                 distances[variant].append(torch.stack(per_layer, dim=1) if per_layer else torch.zeros(len(x), 0))

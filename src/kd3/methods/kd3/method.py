@@ -27,8 +27,9 @@ Choices where METHOD.md is silent (each documented at its option too):
   one, so selection still follows the student. The score comes from the frozen teacher on clean
   views, so it is computed once per run. With it, ``thresholds: auto`` means ``percentile``
   (``selection.percentile_select``: ``keep_fraction`` of the pool at most, spread evenly over the
-  predicted classes, each keeping its highest scores). ``thresholds: flexmatch`` with such a score applies τ_k to the score's pool
-  percentile in (0, 1] instead of c_j, since τ needs a value on a probability-like scale.
+  predicted classes, each keeping its highest scores). ``thresholds: flexmatch`` with such a score
+  applies τ_k to the score's pool percentile in (0, 1] instead of c_j, since τ needs a value on a
+  probability-like scale. ``thresholds: percentile`` works on the blended confidence too.
 - ``teacher_contrastive: false`` skips the teacher forward on x̃ and the E_T term. That term only
   trains E_T, which nothing else reads, so the student's weights are bit-identical either way
   (E_T is built in both cases; the teacher forward draws no random numbers).
@@ -96,7 +97,8 @@ class KD3Options:
                                                      f"{', '.join(SELECTION_VIEWS)}"),
             (self.weighting in WEIGHTINGS, f"weighting={self.weighting!r}; valid: {', '.join(WEIGHTINGS)}"),
             (0 < self.base_threshold <= 1, f"base_threshold={self.base_threshold} must be in (0, 1]"),
-            (self.thresholds in THRESHOLD_RULES, f"thresholds={self.thresholds!r}; valid: {', '.join(THRESHOLD_RULES)}"),
+            (self.thresholds in THRESHOLD_RULES,
+             f"thresholds={self.thresholds!r}; valid: {', '.join(THRESHOLD_RULES)}"),
             (0 < self.keep_fraction <= 1, f"keep_fraction={self.keep_fraction} must be in (0, 1]"),
             (self.kd_temperature > 0, f"kd_temperature={self.kd_temperature} must be positive"),
             (self.mix_alpha > 0, f"mix_alpha={self.mix_alpha} must be positive"),

@@ -57,52 +57,26 @@ def keep_budget(pool_size: int, keep_fraction: float) -> int:
     return math.floor(keep_fraction * pool_size)
 
 
-def balanced_quotas(counts: list[int], budget: int) -> list[int]:
-    """Spread ``budget`` over classes as evenly as their sizes allow (water-filling).
-
-    quota_k = min(n_k, q) with q the largest level such that Σ_k min(n_k, q) ≤ budget; the few
-    units still left (fewer than the classes above q) go one each to the classes above q, lowest
-    index first. Σ quota_k = min(budget, Σ n_k), never more, and no quota exceeds its class.
-    """
-    budget = min(budget, sum(counts))
-    low, high = 0, max(counts, default=0)
-    while low < high:  # the largest q with Σ min(n_k, q) ≤ budget
-        middle = (low + high + 1) // 2
-        if sum(min(c, middle) for c in counts) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    quotas = [min(c, low) for c in counts]
-    left = budget - sum(quotas)
-    for k, c in enumerate(counts):
-        if left and c > quotas[k]:
-            quotas[k] += 1
-            left -= 1
-    return quotas
-
-
 def percentile_select(score: torch.Tensor, prediction: torch.Tensor, num_classes: int,
                       keep_fraction: float) -> Selection:
     """Class-adaptive thresholds restated on within-class percentiles, under a global budget.
 
-    B = floor(keep_fraction · N) images are kept in all (never more). B is spread as evenly as
-    possible over the predicted classes (``balanced_quotas``: every class may keep up to B/K, a
-    class with fewer images keeps them all and its unused share goes to the others), and class k
-    keeps its quota_k highest-scoring images (ties to the lower pool index). Its threshold τ_k is
-    thus its own (1 − quota_k/n_k)·100 percentile, reported as the lowest kept score (NaN when the
-    class keeps none).
+    The budget is B = floor(keep_fraction · N) images, and every class gets the same share of it:
+    class k (n_k images predicted as k) keeps its quota_k = min(n_k, floor(B / K)) highest-scoring
+    images (ties to the lower pool index), K = ``num_classes``. So at most B images are kept
+    (K · floor(B/K) ≤ B, less when some classes are too small to use their share). τ_k is class k's
+    own (1 − quota_k / n_k)·100 percentile, reported as the lowest kept score (NaN if none is kept).
 
-    Why: τ_k depends only on the scores of class k's own images, so a class that absorbs the pool's
-    junk cannot pull any other class's threshold down (the FlexMatch mapping τ·β_k/(2 − β_k) does:
-    a huge σ_junk makes every other β_k small), and it cannot take more than its even share of the
-    budget. Rare classes still get lower thresholds, which is what FlexMatch's rebalancing is for;
-    like it, this assumes the relevant images are roughly balanced over the teacher's classes.
-    Comparing scores only within a class also removes class-dependent score scales (feature norms,
-    energies).
+    Why: quota_k depends on n_k and B only, so a class that absorbs the pool's junk keeps at most
+    its share and cannot move any other class's threshold: FlexMatch's τ·β_k/(2 − β_k) instead lowers
+    every other threshold as σ_junk grows, and a share left unused by a small class is not handed to
+    the big one (on the 90 %-irrelevant fashion-wild pool that would mostly add junk). A rare class
+    keeps all its images (threshold at its minimum), which is FlexMatch's rebalancing; like it,
+    this assumes relevant images are roughly balanced over the teacher's classes. Comparing scores
+    only within a class also removes class-dependent score scales (feature norms, energies).
     """
     predicted = torch.bincount(prediction, minlength=num_classes)
-    quota = torch.tensor(balanced_quotas(predicted.tolist(), keep_budget(len(score), keep_fraction)),
-                         dtype=torch.long)
+    quota = predicted.clamp(max=keep_budget(len(score), keep_fraction) // num_classes)
     # Order by class, then by descending score within the class (both sorts stable).
     order = torch.sort(score.double(), descending=True, stable=True).indices
     order = order[torch.sort(prediction[order], stable=True).indices]
