@@ -11,8 +11,7 @@ from kd3.methods.kd3.contrastive import EmbeddingHead, nt_xent
 from kd3.methods.kd3.mixdistribution import EPS, channel_stats, mix_distribution, sample_mix
 from kd3.methods.kd3.projector import Projector, common_size
 from kd3.methods.kd3.schedule import TeacherWeight
-from kd3.methods.kd3.selection import (balanced_quotas, blended_prediction, class_thresholds, percentile_select,
-                                        select)
+from kd3.methods.kd3.selection import blended_prediction, class_thresholds, percentile_select, select
 from kd3.methods.kd3.weighting import get_weighting
 
 
@@ -176,23 +175,17 @@ def test_nt_xent_equals_double_loop():
 
 
 # -- percentile thresholds (relevance scores) ----------------------------------------------------
-def test_balanced_quotas_fill_evenly_and_hand_leftovers_to_the_lowest_classes():
-    assert balanced_quotas([5, 1, 3, 0], 6) == [3, 1, 2, 0]  # level 2 (sum 5), one unit left → class 0
-    assert balanced_quotas([5, 1, 3, 0], 100) == [5, 1, 3, 0]  # a budget above the pool keeps everything
-    assert balanced_quotas([10, 10, 10], 4) == [2, 1, 1]
-    assert balanced_quotas([], 3) == []
-
-
 def test_percentile_selection_picks_hand_worked_indices():
     confidence = torch.tensor([p for _, p in HAND])
     prediction = torch.tensor([k for k, _ in HAND])
-    # Budget floor(0.5 · 9) = 4 over classes of sizes [4, 3, 2, 0]: even level 1, the unit left goes
-    # to class 0 → quotas [2, 1, 1, 0]: class 0 keeps 0 (0.97) and 2 (0.96), class 1 keeps 4, class 2 keeps 7.
+    # Budget floor(0.5 · 9) = 4, share floor(4 / 4) = 1 per class: each class keeps its best image.
     selection = percentile_select(confidence, prediction, 4, 0.5)
-    assert selection.indices.tolist() == [0, 2, 4, 7]
-    assert selection.selected_per_class.tolist() == [2, 1, 1, 0]
-    assert selection.thresholds[:3].tolist() == pytest.approx([0.96, 0.80, 0.40])
+    assert selection.indices.tolist() == [0, 4, 7]
+    assert selection.selected_per_class.tolist() == [1, 1, 1, 0]
+    assert selection.thresholds[:3].tolist() == pytest.approx([0.97, 0.80, 0.40])
     assert math.isnan(selection.thresholds[3].item())
+    # Budget 9, share 2: class 0 keeps 0 (0.97) and 2 (0.96), class 1 keeps 4 and 5, class 2 both of its own.
+    assert percentile_select(confidence, prediction, 4, 1.0).indices.tolist() == [0, 2, 4, 5, 7, 8]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -206,7 +199,9 @@ def test_percentile_thresholds_never_keep_more_than_the_budget(seed):
     keep_fraction = float(torch.rand(1, generator=g).clamp(min=0.01))
     selection = percentile_select(score, prediction, num_classes, keep_fraction)
     budget = math.floor(keep_fraction * n)
-    assert len(selection.indices) == budget  # the whole budget is spent, never more
+    assert len(selection.indices) <= budget
+    share = budget // num_classes
+    assert selection.selected_per_class.tolist() == selection.predicted_per_class.clamp(max=share).tolist()
     assert len(set(selection.indices.tolist())) == len(selection.indices)
     assert (selection.selected_per_class <= selection.predicted_per_class).all()
     kept = torch.zeros(n, dtype=torch.bool)
@@ -217,19 +212,25 @@ def test_percentile_thresholds_never_keep_more_than_the_budget(seed):
             assert score[kept & members].min() >= score[~kept & members].max()
 
 
-def test_a_class_absorbing_junk_lowers_no_other_threshold():
-    # 700 confident junk images all predicted as class 0, then 100 images of each of classes 1-3.
+@pytest.mark.parametrize("junk", [700, 7000])
+def test_a_class_absorbing_junk_keeps_only_its_share_and_sets_no_other_threshold(junk):
+    # ``junk`` confident junk images all predicted as class 0, then 100 images of each of classes 1-3.
     g = torch.Generator().manual_seed(0)
-    prediction = torch.cat([torch.zeros(700, dtype=torch.long), torch.arange(1, 4).repeat_interleave(100)])
-    confidence = torch.cat([0.9 + 0.1 * torch.rand(700, generator=g), 0.3 + 0.6 * torch.rand(300, generator=g)])
+    prediction = torch.cat([torch.zeros(junk, dtype=torch.long), torch.arange(1, 4).repeat_interleave(100)])
+    confidence = torch.cat([0.9 + 0.1 * torch.rand(junk, generator=g), 0.3 + 0.6 * torch.rand(300, generator=g)])
     released = select(confidence, prediction, 4, 0.95)
-    # FlexMatch: β = 1/7 for classes 1-3, τ = 0.95·β/(2 − β) ≈ 0.07: they keep everything.
-    assert released.thresholds[1].item() == pytest.approx(0.95 * (1 / 7) / (2 - 1 / 7))
+    # FlexMatch: β = 100/junk for classes 1-3, τ = 0.95·β/(2 − β) → 0 as the junk grows: they keep everything.
+    beta = 100 / junk
+    assert released.thresholds[1].item() == pytest.approx(0.95 * beta / (2 - beta))
     assert released.selected_per_class[1:].tolist() == [100, 100, 100]
-    percentile = percentile_select(confidence, prediction, 4, 0.3)
-    # Budget 300 spread evenly: the junk class gets 75 like every other; class k's threshold is its own
-    # 75th-highest score, wherever the junk sits.
-    assert percentile.selected_per_class.tolist() == [75, 75, 75, 75]
+    # Budget 0.1 · N, share N/40 per class: the junk class keeps only its share; classes 1-3 keep their
+    # own top 25 (N = 1000) or all 100 (N = 7300, share 182), whatever the junk's scores.
+    percentile = percentile_select(confidence, prediction, 4, 0.1)
+    share = math.floor(0.1 * len(prediction)) // 4
+    assert percentile.selected_per_class.tolist() == [share] + [min(100, share)] * 3
     for k in (1, 2, 3):
         own = confidence[prediction == k].sort(descending=True).values
-        assert percentile.thresholds[k].item() == pytest.approx(own[74].item())
+        assert percentile.thresholds[k].item() == pytest.approx(own[min(100, share) - 1].item())
+    other_junk = confidence.clone()
+    other_junk[:junk] = torch.rand(junk, generator=g)  # the junk's scores never reach another class
+    assert torch.equal(percentile_select(other_junk, prediction, 4, 0.1).thresholds[1:], percentile.thresholds[1:])

@@ -42,7 +42,7 @@ def selection_rows(d: Diagnosis) -> list[list[Any]]:
         row: list[Any] = [name]
         for fraction in KEEP_FRACTIONS:
             k = by_fraction[fraction]
-            row += [k.precision, k.recall, k.percentile_precision]
+            row += [k.precision, k.recall, k.percentile_precision, k.percentile_recall]
         rows.append(row)
     return rows
 
@@ -73,11 +73,11 @@ def blocks(d: Diagnosis, header: list[str], images: dict[str, Path]) -> list[Blo
                 Block("table", columns=("score", *auroc_columns(d)), rows=tuple(map(tuple, auroc_rows(d)))),
                 Block("img", "score_auroc.png"),
                 Block("p", "Selection at 30 / 50 / 70 % of the pool kept: P and R = precision and recall of the "
-                           "score's global top fraction; Pc = precision of KD³'s percentile thresholds (the same "
-                           "budget spread evenly over the teacher's predicted classes, each keeping its highest "
-                           "scores; kd3.methods.kd3.selection.percentile_select)."),
-                Block("table", columns=("score", *[f"{m}@{f:.0%}" for f in KEEP_FRACTIONS for m in ("P", "R", "Pc")]),
-                      rows=tuple(map(tuple, selection_rows(d)))),
+                           "score's global top fraction; Pc and Rc = the same for KD³'s percentile thresholds (at "
+                           "most the same budget, an equal share per teacher-predicted class, each class keeping its "
+                           "highest scores; kd3.methods.kd3.selection.percentile_select)."),
+                Block("table", rows=tuple(map(tuple, selection_rows(d))),
+                      columns=("score", *[f"{m}@{f:.0%}" for f in KEEP_FRACTIONS for m in ("P", "R", "Pc", "Rc")])),
                 Block("img", "score_by_source.png")]
     else:
         out.append(Block("p", "This pool has no provenance, so the scores cannot be checked against relevance here; "

@@ -26,8 +26,8 @@ Choices where METHOD.md is silent (each documented at its option too):
   the blended confidence c_j in the threshold step only: the predicted class ŷ_j stays the blended
   one, so selection still follows the student. The score comes from the frozen teacher on clean
   views, so it is computed once per run. With it, ``thresholds: auto`` means ``percentile``
-  (``selection.percentile_select``: ``keep_fraction`` of the pool at most, spread evenly over the
-  predicted classes, each keeping its highest scores). ``thresholds: flexmatch`` with such a score
+  (``selection.percentile_select``: ``keep_fraction`` of the pool at most, an equal share per
+  predicted class, each class keeping its highest scores). ``thresholds: flexmatch`` with such a score
   applies τ_k to the score's pool percentile in (0, 1] instead of c_j, since τ needs a value on a
   probability-like scale. ``thresholds: percentile`` works on the blended confidence too.
 - ``teacher_contrastive: false`` skips the teacher forward on x̃ and the E_T term. That term only
