@@ -20,7 +20,7 @@ class DemoConfig:
 def run(config_path: str | None, overrides: list[str]) -> None:
     demo = load_config(DemoConfig, config_path or "configs/demo.yaml")
     started = time.perf_counter()
-    rows = []
+    rows, run_dirs = [], []
     teacher_info = None
     for path in demo.runs:
         cfg = load_config(DistillConfig, path, [*demo.overrides, *overrides])
@@ -31,10 +31,12 @@ def run(config_path: str | None, overrides: list[str]) -> None:
         selection = last.get("selection", {})
         rows.append([cfg.method["name"], f"{100 * result.accuracy:.2f} ± {100 * result.accuracy_se:.2f}",
                      f"{selection.get('precision', float('nan')):.3f}", f"{selection.get('recall', float('nan')):.3f}",
-                     result.images_seen, f"{result.wall_time:.1f}", str(result.run_dir)])
+                     result.images_seen, f"{result.wall_time:.1f}"])
+        run_dirs.append(str(result.run_dir))
     if teacher_info is not None:
-        rows.insert(0, [f"teacher ({teacher_info.arch})", f"{100 * teacher_info.test_accuracy:.2f}", "", "", "", "",
-                        teacher_info.data])
+        rows.insert(0, [f"teacher ({teacher_info.arch}, {teacher_info.data})", f"{100 * teacher_info.test_accuracy:.2f}",
+                        "", "", "", ""])
     print_table("kd3 demo: fashion-wild, last-epoch test accuracy (Fashion-MNIST test, 10k)",
-                ["model", "test acc % (±SE)", "sel. precision", "sel. recall", "images seen", "wall s", "run"], rows)
+                ["model", "test acc % (±SE)", "sel. precision", "sel. recall", "images seen", "wall s"], rows)
+    print("runs (kd3 report RUN_DIR draws their curves and selections):", *run_dirs, sep="\n  ")
     print(f"demo wall time: {time.perf_counter() - started:.0f} s")
