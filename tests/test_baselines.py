@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from baseline_nets import BNNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
-from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 
+from baseline_nets import BNNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
 from kd3.methods.base import Batch, get_method
 from kd3.methods.blind_kd import BlindKDOptions
 from kd3.methods.dafl import DAFLOptions

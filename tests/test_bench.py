@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import teacher_path, workdir  # noqa: F401  (the tiny UCI-digits teacher fixture)
 
 from kd3.bench import runner
 from kd3.bench.cli import add_bench_parser
@@ -22,8 +21,7 @@ from kd3.config import ConfigError, save_config
 from kd3.data.pool import Pool
 from kd3.data.sources import load_source
 from kd3.engine.logging import MetricsLog
-
-torch.set_num_threads(1)
+from test_cli import teacher_path, workdir  # noqa: F401  (the tiny UCI-digits teacher fixture)
 
 STAMP = {"commit": "abc1234", "bench_command": "kd3 bench digits-wild",
          "machine": {"cores": 2, "cpu": "test CPU", "gpu": None, "torch": torch.__version__}}
@@ -76,11 +74,12 @@ def test_specs_expand_into_the_protocol_runs():
     fashion = load_spec("fashion-wild")
     assert [r.name for r in fashion.rows] == [
         "teacher", "supervised", "kd-original", "oracle", "blind_kd", "dfnd", "dafl", "deepinversion", "kd3",
-        "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution"]
+        "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution",
+        "kd3-relevance", "kd3-relevance-bn_mean_all", "dfnd-relevance", "dfnd-relevance-bn_mean_all"]
     assert {r.name: r.kind for r in fashion.rows if r.kind != "method"} == {
         "teacher": "teacher", "supervised": "reference", "kd-original": "reference", "oracle": "oracle"}
     main = plan_runs(fashion, groups(fashion))
-    assert len(main) == 12 * 3 and fashion.baseline == "blind_kd"
+    assert len(main) == 16 * 3 and fashion.baseline == "blind_kd"
     run = next(r for r in main if r.row == "kd3-no-weighting" and r.seed == 2)
     assert run.overrides[:2] == ("method.weighting=uniform", "train.seed=2")
     assert not any(o.startswith("pool.seed") for o in run.overrides)  # one pool for every seed

@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from baseline_nets import BNNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
-from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 
+from baseline_nets import BNNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
 from kd3.methods.base import get_method
 from kd3.methods.dafl import DAFL, DAFLOptions, dafl_generator_losses
 from kd3.methods.generators import DAFLGenerator

@@ -3,10 +3,9 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from baseline_nets import BNNet, PlainNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
-from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
+from baseline_nets import BNNet, PlainNet, assert_same_tensors, make_context, random_images, snapshot, train_epochs
 from kd3.methods.base import get_method
 from kd3.methods.bn_hooks import BatchNormStatistics, batch_statistics
 from kd3.methods.deepinversion import DeepInversion, DeepInversionOptions, image_priors

@@ -3,9 +3,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from baseline_nets import BNNet, IntensityTeacher, assert_same_tensors, make_context, snapshot, train_epochs
-from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 
+from baseline_nets import BNNet, IntensityTeacher, assert_same_tensors, make_context, snapshot, train_epochs
 from kd3.data.augment import Normalizer
 from kd3.methods.base import Batch, get_method
 from kd3.methods.dfnd import DFND, DFNDOptions, NoiseAdaptation
@@ -157,7 +156,6 @@ def test_dfnd_keeps_the_top_n_of_a_relevance_score():
 
 def test_dfnd_batchnorm_score_ranks_by_the_registry_value():
     from baseline_nets import random_images
-
     from kd3.scores import compute_score, teacher_outputs
 
     torch.manual_seed(0)

@@ -17,14 +17,6 @@ from kd3.scores import DEFAULT_SCORE
 from kd3.teacher import TeacherInfo, save_teacher
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_auroc_matches_sklearn_with_ties_and_its_edge_cases():
     rng = np.random.default_rng(0)
     score, positive = rng.integers(0, 6, 200).astype(float), rng.random(200) < 0.3

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyNet, blobs, context
 
+from helpers import TinyNet, blobs, context
 from kd3.config import TrainConfig
 from kd3.data.augment import CropFlip, FixedViews, Normalizer
 from kd3.engine import checkpoint

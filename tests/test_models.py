@@ -34,15 +34,6 @@ INPUTS = [(1, 28), (3, 32)]
 CASES = [(name, c, s) for name in sorted(FEATURE_MAPS) for c, s in INPUTS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two-image batches gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
-    make this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def build(name: str, in_channels: int, image_size: int) -> Net:
     torch.manual_seed(0)

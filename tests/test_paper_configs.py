@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from standins import write_cifar10, write_cifar100, write_imagenet32
 
 from kd3.cli import main
+from standins import write_cifar10, write_cifar100, write_imagenet32
 
 SMALL = ["train.epochs=1", "train.batch_size=16", "train.amp=false", "train.channels_last=false", "progress=false"]
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from baseline_nets import BNNet, make_context, train_epochs
-from baseline_nets import one_thread  # noqa: F401  (autouse fixture)
 
+from baseline_nets import BNNet, make_context, train_epochs
 from kd3.methods.base import Batch, get_method
 from kd3.methods.blind_kd import BlindKD, BlindKDOptions
 from kd3.methods.references import KDOriginal, Supervised, SupervisedOptions

@@ -20,8 +20,6 @@ from kd3.report.cli import add_report_parser
 from kd3.report.grids import IRRELEVANT_BORDER, pick_epochs, selection_sheet
 from kd3.report.run import read_run
 
-torch.set_num_threads(1)
-
 POOL_SIZE = 60
 RELEVANT = 20  # the first 20 images are "fashion-r" (relevant), the other 40 "noise"
 TEST_ACC = [0.5, 0.8, 0.7]  # the best epoch is not the last: the report must show 70.00 %

@@ -19,13 +19,6 @@ from kd3.scores.ranks import mean_rank, min_rank, percentile_ranks
 IDENTITY = Normalizer((0.0,), (1.0,))  # x / 255: the normalised image is easy to rebuild in a test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class InputBNNet(Net):
     """BatchNorm on the input itself, then conv-BN-ReLU, GAP, fc-ReLU (the penultimate h), linear."""

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
-from standins import write_cifar10, write_imagenet32
 import pytest
 import torch
 
 from kd3.data.sources import DataUnavailable, channel_stats, list_sources, load_source
+from standins import write_cifar10, write_imagenet32
 
 AVAILABLE = {s.name for s in list_sources() if s.available}
 needs = {name: pytest.mark.skipif(name not in AVAILABLE, reason=f"{name} is not installed "

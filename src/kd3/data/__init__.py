@@ -9,8 +9,7 @@ from kd3.data.grid import save_pool_grid
 from kd3.data.ingest import IngestReport, ingest_folder
 from kd3.data.pool import Pool
 from kd3.data.pools import build_pool, load_or_build_pool
-from kd3.data.sources import (DataUnavailable, LabelledData, SourceStatus, list_sources,
-                              load_source)
+from kd3.data.sources import DataUnavailable, LabelledData, SourceStatus, list_sources, load_source
 
 __all__ = [
     "DataUnavailable", "IngestReport", "LabelledData", "Pool", "SourceStatus", "build_pool",

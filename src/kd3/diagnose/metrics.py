@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counting ½ (Mann–Whitney U).
 

@@ -6,7 +6,7 @@ optimizer loop, checkpoints, AMP and logging, and never knows which method runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 

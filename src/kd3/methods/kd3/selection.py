@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class Selection:
     indices: torch.Tensor  # selected pool indices, ascending, int64
