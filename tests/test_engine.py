@@ -165,3 +165,20 @@ def test_subset_selections_are_saved_per_epoch(tmp_path):
     trainer.fit()
     assert np.load(tmp_path / "selections" / "epoch-0001.npy").tolist() == [1, 5, 30]
     assert np.load(tmp_path / "selections" / "epoch-0002.npy").tolist() == [1, 5, 7, 30]
+
+
+def test_epoch_steps_cycle_reshuffled_passes_over_a_subset(tmp_path):
+    from kd3.methods.base import EpochPlan
+
+    images, labels = blobs(40)
+    trainer = _blind_trainer(_trained_teacher(images, labels, steps=2), images, tmp_path, epochs=1)
+    trainer.cfg.epoch_steps = 5
+    subset = torch.arange(10, 22)  # 12 images, batch 16: one pass would be a single step
+    trainer.method.begin_epoch = lambda epoch: EpochPlan(indices=subset)
+    seen = []
+    step = trainer.method.training_step
+    trainer.method.training_step = lambda batch: seen.append(batch.indices.clone()) or step(batch)
+    trainer.fit()
+    assert len(seen) == 5 and all(len(b) == 12 for b in seen)
+    assert all(sorted(b.tolist()) == subset.tolist() for b in seen)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["train_images"] == 60

@@ -41,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     eval_every: int = 1  # evaluate on the eval split every N epochs (and always after the last)
+    # Optimizer steps per epoch; 0 = one pass over the epoch's training set. A fixed number puts
+    # methods that train on a subset (selection, oracle) on the same compute as those on the whole pool.
+    epoch_steps: int = 0
 
 
 @dataclass

@@ -5,6 +5,7 @@ decides what data an epoch trains on and what the losses are.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -111,14 +112,23 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def _steps(self, plan_size: int) -> int:
+        return self.cfg.epoch_steps or math.ceil(plan_size / self.cfg.batch_size)
+
     def _batches(self, indices: torch.Tensor):
-        order = indices[torch.randperm(len(indices))]
-        size = self.cfg.batch_size
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            if len(chunk) < 2 and start > 0:
-                continue  # a batch of one breaks BatchNorm; its image comes back next epoch
-            yield Batch(indices=chunk, images=self.method.ctx.images[chunk].to(self.device, non_blocking=True))
+        """Shuffled batches: one pass, or with ``epoch_steps`` as many reshuffled passes as it takes."""
+        size, produced = self.cfg.batch_size, 0
+        passes = itertools.count() if self.cfg.epoch_steps else range(1)
+        for _ in passes:
+            order = indices[torch.randperm(len(indices))]
+            for start in range(0, len(order), size):
+                if self.cfg.epoch_steps and produced == self.cfg.epoch_steps:
+                    return
+                chunk = order[start:start + size]
+                if len(chunk) < 2 and start > 0:
+                    continue  # a batch of one breaks BatchNorm; its image comes back next epoch
+                produced += 1
+                yield Batch(indices=chunk, images=self.method.ctx.images[chunk].to(self.device, non_blocking=True))
 
     def evaluate(self) -> EvalResult | None:
         if self.eval_data is None:
@@ -143,7 +153,7 @@ class Trainer:
             record["selection"] = selection_metrics(plan.indices, p.relevant, p.source, p.teacher_correct)
         method.train()
         batches = self._batches(plan.indices) if plan.indices is not None else (None for _ in range(plan.steps))
-        total_steps = math.ceil(plan.size / self.cfg.batch_size) if plan.indices is not None else plan.steps
+        total_steps = self._steps(plan.size) if plan.indices is not None else plan.steps
         sums: dict[str, float] = {}
         steps, seen, started = 0, 0, time.perf_counter()
         bar = progress(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=self.show_progress,
