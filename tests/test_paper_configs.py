@@ -12,7 +12,7 @@ SMALL = ["train.epochs=1", "train.batch_size=16", "train.amp=false", "train.chan
 
 
 @pytest.mark.parametrize("dataset, writer", [("cifar10", write_cifar10), ("cifar100", write_cifar100)])
-def test_paper_config_runs_on_standin_data(dataset, writer, tmp_path, monkeypatch):
+def test_paper_config_runs_on_standin_data(dataset, writer, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KD3_DATA_ROOT", str(tmp_path / "data"))
     rng = np.random.default_rng(0)
     writer(tmp_path / "data", 8 if dataset == "cifar10" else 40, rng)
@@ -27,3 +27,7 @@ def test_paper_config_runs_on_standin_data(dataset, writer, tmp_path, monkeypatc
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["train_images"] > 0 and "loss_wfa" in record and 0.0 <= record["test_acc"] <= 1.0
     assert (run_dir / "student.ts").stat().st_size > 0
+    # The exported deployable (backbone + projector + the teacher's classifier) scores what training logged.
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--data", f"{dataset}:test"]) == 0
+    assert f"{100 * record['test_acc']:.2f}" in capsys.readouterr().out
