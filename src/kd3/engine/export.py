@@ -40,6 +40,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     model = model.eval().cpu()
     with warnings.catch_warnings():  # the legacy exporter is the one that takes a TorchScript module
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "no signature found", UserWarning)  # a ScriptModule has none; harmless
         torch.onnx.export(model, (example.cpu(),), str(path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return path
