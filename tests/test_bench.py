@@ -88,7 +88,7 @@ def test_specs_expand_into_the_protocol_runs():
     sweep = plan_runs(fashion, groups(fashion, sweep=True), ["kd3"], [0])
     assert [resolved_config(r).pool.irrelevant_fraction for r in sweep] == [0.0, 0.25, 0.5, 0.7, 0.9]
     hard = plan_runs(fashion, groups(fashion, hard=True))
-    assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "oracle"}
+    assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "kd3-relevance", "oracle"}
     assert all(resolved_config(r).pool.variant == "hard" for r in hard)
     # The sweep point at the default fraction computes exactly what the main table does.
     main_kd3 = next(r for r in main if r.row == "kd3" and r.seed == 0)
