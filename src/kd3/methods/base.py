@@ -6,6 +6,7 @@ optimizer loop, checkpoints, AMP and logging, and never knows which method runs.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,7 +60,7 @@ class Batch:
     images: torch.Tensor  # uint8 images of those indices, on the training device
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """Base class: a student plus whatever trainable parts the method adds.
 
     The teacher lives in ``ctx`` and is never registered as a submodule, so it is never in the
@@ -88,8 +89,9 @@ class Method(nn.Module):
     def begin_epoch(self, epoch: int) -> EpochPlan:
         return EpochPlan(indices=torch.arange(self.ctx.pool_size))
 
+    @abstractmethod
     def training_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"method {self.name!r} must implement training_step")
+        """Named, already-weighted loss terms for one batch; the trainer sums them."""
 
     def deployable(self) -> nn.Module:
         return self.student

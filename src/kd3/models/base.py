@@ -5,13 +5,14 @@ through these four members only, so a user's own teacher works once it is wrappe
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 
-class Net(nn.Module):
+class Net(nn.Module, metaclass=ABCMeta):
     """A classifier split into backbone feature map -> pooled vector -> linear classifier.
 
     Subclasses set ``self.classifier`` (an ``nn.Linear``) and implement ``features``.
@@ -22,8 +23,9 @@ class Net(nn.Module):
         classifier: nn.Linear
         feature_channels: int
 
+    @abstractmethod
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement features(x)")
+        """The last convolutional feature map, N×C×H×W."""
 
     def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
         return torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)

@@ -20,7 +20,7 @@ class RunData:
     config_text: str  # config.yaml as written, shown verbatim
     config: dict[str, Any]  # the same, parsed; a plain mapping so teacher runs can be reported too
     history: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
-    selections: dict[int, Path]  # epoch (1-based) -> selections/epoch-XXXX.npy
+    selections: dict[int, Path]  # epoch (1-based) -> selections/epoch-NNNN.npy
 
     @property
     def name(self) -> str:
