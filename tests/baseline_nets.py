@@ -70,12 +70,12 @@ def random_images(n: int, seed: int = 0, channels: int = 1) -> torch.Tensor:
 
 def make_context(teacher: Net | None, images: torch.Tensor, labels: torch.Tensor | None = None,
                  num_classes: int = 3, batch_size: int = 16, normalize: Normalizer | None = None,
-                 flip: bool = True, cache_dir: Path = Path("/tmp")) -> DistillContext:
+                 flip: bool = True, epochs: int = 2, cache_dir: Path = Path("/tmp")) -> DistillContext:
     if teacher is not None:
         teacher.eval()
     return DistillContext(teacher=teacher, images=images, labels=labels,
                           normalize=normalize or Normalizer((0.3,), (0.3,)), augment=CropFlip(padding=1, flip=flip),
-                          num_classes=num_classes, epochs=2, batch_size=batch_size, device=torch.device("cpu"),
+                          num_classes=num_classes, epochs=epochs, batch_size=batch_size, device=torch.device("cpu"),
                           seed=0, cache_dir=cache_dir)
 
 

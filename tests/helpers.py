@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd3.data.augment import CropFlip, Normalizer
+from baseline_nets import make_context
+from kd3.data.augment import Normalizer
 from kd3.methods.base import DistillContext
 from kd3.models.base import Net
 
@@ -41,6 +42,6 @@ def blobs(n: int, num_classes: int = 3, size: int = 8, seed: int = 0) -> tuple[t
 
 def context(teacher: Net | None, images: torch.Tensor, labels: torch.Tensor | None = None, epochs: int = 2,
             batch_size: int = 16, cache_dir: Path = Path("/tmp")) -> DistillContext:
-    return DistillContext(teacher=teacher, images=images, labels=labels, normalize=Normalizer((0.2,), (0.3,)),
-                          augment=CropFlip(padding=1, flip=False), num_classes=3, epochs=epochs,
-                          batch_size=batch_size, device=torch.device("cpu"), seed=0, cache_dir=cache_dir)
+    """The engine tests' context: ``make_context`` with their normalisation and no flips."""
+    return make_context(teacher, images, labels, batch_size=batch_size, normalize=Normalizer((0.2,), (0.3,)),
+                        flip=False, epochs=epochs, cache_dir=cache_dir)
