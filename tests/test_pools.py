@@ -218,10 +218,11 @@ def test_ingest_folder_counts_skips_and_resizes(tmp_path):
     _write_ingest_folder(tmp_path)
     pool, report = ingest_folder(tmp_path, size=28, channels=1)
     assert (report.found, report.loaded, report.skipped) == (5, 4, 1)
-    assert report.bad_paths == [str(tmp_path / "broken.png")]
+    assert report.bad_paths == [f"{tmp_path / 'broken.png'} (not an image)"]
+    assert report.reasons == {"not an image": 1}
     assert tuple(pool.images.shape) == (4, 1, 28, 28) and pool.images.dtype == torch.uint8
     assert not pool.has_provenance and not pool.relevant.any()
-    assert (pool.true_label == -1).all() and set(pool.source.tolist()) == {"folder"}
+    assert (pool.true_label == -1).all() and set(pool.source.tolist()) == {"ingested"}
     a, b, c, d = pool.images  # sorted paths: a.png, b.bmp, (broken.png), sub/c.png, sub/d.JPG
     assert int(b.min()) == 128
     assert int(c.min()) == 255  # transparency flattened onto white

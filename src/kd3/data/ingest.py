@@ -1,89 +1,224 @@
-"""Turn a folder of user images (a scraped web pool) into a ``Pool``, skipping what won't decode."""
+"""Turn user images (a folder, or img2dataset/WebDataset tar shards) into a ``Pool``.
+
+Decoding fans out over worker processes; results are consumed in task order (sorted paths, or
+shard order then member order), so the pool is the same whatever the number of workers, and a
+folder and shards holding the same images in the same order give byte-identical pools. With an
+output directory the images are written as they arrive (memory stays bounded by a few tasks'
+worth of images); files that do not decode are skipped and counted per reason.
+"""
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
-import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from kd3.data.pool import Pool
+from kd3.data.decode import read_and_decode
+from kd3.data.pool import Pool, write_pool_arrays
+from kd3.data.shards import decode_shard, expand_shards, is_shard_spec
+from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter
+from kd3.utils.progress import progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                               ".tiff", ".ppm", ".pgm", ".pbm"})
-MAX_BAD_PATHS = 10  # how many unreadable files the report names; the count covers them all
+MAX_BAD_PATHS = 10  # how many unreadable files the report names; the counts cover them all
+FOLDER_TASK = 512  # files per worker task: big enough to amortise the round trip
+ORIGIN = "ingested"  # the source of every ingested image, folder or shards alike
+SIDECAR_FILE = "sidecar.jsonl"  # per-image metadata from img2dataset's json/txt members
 
-# What Pillow raises on truncated, corrupt or hostile files (it has no single error type).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
-                  Image.DecompressionBombError)
+Decoded = tuple[np.ndarray, list[dict], list[tuple[str, str]]]
 
 
 @dataclass
 class IngestReport:
-    directory: str
-    found: int  # files with an image extension
+    directory: str  # the folder or shard pattern ingested
+    found: int  # image files (folder) or samples (shards) seen
     loaded: int
     skipped: int
-    bad_paths: list[str] = field(default_factory=list)  # the first MAX_BAD_PATHS unreadable files
+    bad_paths: list[str] = field(default_factory=list)  # the first MAX_BAD_PATHS, with their reason
+    reasons: dict[str, int] = field(default_factory=dict)  # skipped count per reason
+    seconds: float = 0.0
+    workers: int = 1
+
+    @property
+    def images_per_second(self) -> float:
+        return self.loaded / max(self.seconds, 1e-9)
 
     def __str__(self) -> str:
-        text = f"{self.directory}: {self.loaded} of {self.found} image files loaded"
+        text = (f"{self.directory}: {self.loaded} of {self.found} images loaded in {self.seconds:.1f} s "
+                f"({self.images_per_second:.0f} images/s, {self.workers} worker{'s' * (self.workers > 1)})")
         if self.skipped:
-            text += f", {self.skipped} unreadable (first: {', '.join(self.bad_paths)})"
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
+            text += f"; skipped {self.skipped} ({reasons}; first: {', '.join(self.bad_paths)})"
         return text
 
 
 def _image_files(directory: Path) -> list[Path]:
     # Sorted so the pool's order, and so any seeded run over it, is the same on every machine.
-    return sorted(p for p in directory.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _decode(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode, orient, flatten alpha onto white, convert, cover-resize to size×size."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        if img.mode in ("RGBA", "LA", "P", "PA"):
-            # Web images with transparency are drawn on white pages; keep that look.
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        # Shorter side to `size`, then a centre crop: what ImageOps.fit does in one step.
-        img = ImageOps.fit(img, (size, size), method=Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+def _side_files(path: Path) -> dict:
+    """img2dataset's "files" format keeps 000042.json / 000042.txt beside 000042.jpg."""
+    side: dict = {}
+    for suffix in (".json", ".txt"):
+        sibling = path.with_suffix(suffix)
+        if sibling.is_file():
+            text = sibling.read_text(errors="replace")
+            try:
+                side[suffix[1:]] = json.loads(text) if suffix == ".json" else text
+            except ValueError:
+                side["json_unreadable"] = True
+    return side
 
 
-def ingest_folder(directory: str | os.PathLike, size: int,
-                  channels: int) -> tuple[Pool, IngestReport]:
-    """Every readable image under ``directory`` (recursively) as uint8 N×channels×size×size.
+def decode_files(paths: list[str], size: int, channels: int) -> Decoded:
+    """One folder task: decode ``paths`` in order (runs in a worker process)."""
+    images, metadata, bad = [], [], []
+    for path in paths:
+        image, reason = read_and_decode(path, size, channels)
+        if image is None:
+            bad.append((path, reason or "corrupt image"))
+            continue
+        images.append(image)
+        metadata.append({"key": Path(path).stem, "file": path, **_side_files(Path(path))})
+    stacked = np.stack(images) if images else np.empty((0, channels, size, size), dtype=np.uint8)
+    return stacked, metadata, bad
 
-    Provenance is unknown: ``meta['provenance']`` is False, ``relevant`` all False and
-    ``true_label`` all -1. Raises ``FileNotFoundError`` if the folder does not exist and
-    ``ValueError`` if it holds no readable image.
+
+def _in_order(work: Callable[[object], Decoded], tasks: list, workers: int) -> Iterator[Decoded]:
+    """Results of ``work`` over ``tasks`` in task order, at most 2 × workers tasks in flight."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(work, tasks)
+        return
+    # fork: workers inherit the imported modules and start at once; they run only numpy/Pillow.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(workers) as pool:
+        pending, upcoming = [], iter(tasks)
+        for task in upcoming:
+            pending.append(pool.apply_async(work, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).get()
+        for result in pending:
+            yield result.get()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Sink:
+    """Where decoded chunks go: a growing list (in-memory pool) or an images file on disk."""
+
+    def __init__(self, out: Path | None, row_shape: tuple[int, int, int]):
+        self.directory = out if out is not None and out.suffix != ".npz" else None
+        self.writer = ImageWriter(self.directory / IMAGES_FILE, row_shape) if self.directory else None
+        self.parts: list[np.ndarray] = []
+        self.metadata: list[dict] = []
+        self.count = 0
+
+    def add(self, images: np.ndarray, metadata: list[dict]) -> None:
+        if self.writer is not None:
+            self.writer.write(images)
+        else:
+            self.parts.append(images)
+        self.metadata += metadata
+        self.count += len(images)
+
+    def images(self):
+        if self.writer is not None:
+            return DiskImages(self.writer.close())
+        return torch.from_numpy(np.concatenate(self.parts))
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.PathLike | None = None,
+           workers: int = 0, show_progress: bool = False) -> tuple[Pool, IngestReport]:
+    """Every readable image of ``source`` (a folder, recursively, or a tar-shard pattern) as uint8
+    N×channels×size×size.
+
+    ``out``: None or a ``.npz`` path keeps the pool in memory (and saves the ``.npz``); any other
+    path becomes a pool directory written incrementally. ``workers``: decoding processes (0: one
+    per available core; 1: decode in this process). Provenance is unknown: ``meta['provenance']``
+    is False. Raises ``FileNotFoundError`` for a missing folder or shard and ``ValueError`` when
+    nothing decodes.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    files = _image_files(root)
-    images, bad = [], []
-    for path in files:
-        try:
-            images.append(_decode(path, size, channels))
-        except _DECODE_ERRORS:
-            bad.append(path)
-    report = IngestReport(directory=str(root), found=len(files), loaded=len(images),
-                          skipped=len(bad), bad_paths=[str(p) for p in bad[:MAX_BAD_PATHS]])
-    if not images:
-        raise ValueError(f"no readable image in {root}: {len(files)} files with an image "
-                         f"extension ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-                         f"{len(bad)} failed to decode")
-    pool = Pool.unlabelled(torch.from_numpy(np.stack(images)), origin="folder", meta={
-        "directory": str(root), "size": size, "channels": channels, "image_shape": [channels, size, size],
-        "counts": {"found": report.found, "loaded": len(images), "skipped": report.skipped}})
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    spec = str(source)
+    workers = workers or default_workers()
+    if is_shard_spec(spec):
+        tasks: list = [str(p) for p in expand_shards(spec)]
+        work: Callable = partial(decode_shard, size=size, channels=channels)
+        kind, unit = {"shards": spec}, "shard"
+    else:
+        root = Path(spec).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist or is not a directory "
+                                    "(or give tar shards: DIR/{00000..00099}.tar)")
+        files = [str(p) for p in _image_files(root)]
+        tasks = [files[i:i + FOLDER_TASK] for i in range(0, len(files), FOLDER_TASK)]
+        work = partial(decode_files, size=size, channels=channels)
+        kind, unit, spec = {"directory": str(root)}, "task", str(root)
+    out_path = Path(out) if out is not None else None
+    sink = _Sink(out_path, (channels, size, size))
+    reasons: Counter[str] = Counter()
+    bad_paths: list[str] = []
+    started = time.perf_counter()
+    try:
+        bar = progress(_in_order(work, tasks, workers), desc=f"ingest ({workers} workers)", enabled=show_progress,
+                       total=len(tasks), unit=unit)
+        for images, metadata, bad in bar:
+            sink.add(images, metadata)
+            reasons.update(reason for _, reason in bad)
+            bad_paths += [f"{path} ({reason})" for path, reason in bad[:MAX_BAD_PATHS - len(bad_paths)]]
+            bar.set_postfix(images=sink.count)
+        skipped = sum(reasons.values())
+        if not sink.count:
+            raise ValueError(f"no readable image in {spec}: {skipped} skipped "
+                             f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items())) or 'no image files'}; "
+                             f"extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        images = sink.images()
+    except BaseException:
+        sink.abort()
+        raise
+    report = IngestReport(directory=spec, found=sink.count + skipped, loaded=sink.count, skipped=skipped,
+                          bad_paths=bad_paths, reasons=dict(reasons), seconds=time.perf_counter() - started,
+                          workers=workers)
+    meta = {**kind, "size": size, "channels": channels, "image_shape": [channels, size, size],
+            "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons)}}
+    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta)
+    if sink.directory is not None:
+        write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
+        _write_sidecar(sink.directory / SIDECAR_FILE, sink.metadata)
+        pool = Pool.load(sink.directory)
+    elif out_path is not None:
+        pool.save(out_path)
     return pool, report
+
+
+def _write_sidecar(path: Path, metadata: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for record in metadata:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def ingest_folder(directory: str | os.PathLike, size: int, channels: int,
+                  workers: int = 1) -> tuple[Pool, IngestReport]:
+    """Every readable image under ``directory`` (recursively), in memory: ``ingest`` without ``out``."""
+    return ingest(directory, size, channels, workers=workers)

@@ -1,4 +1,9 @@
-"""The web pool: unlabelled uint8 images plus per-image provenance, saved as a plain ``.npz``.
+"""The web pool: unlabelled uint8 images plus per-image provenance, in memory or on disk.
+
+Two storages behind one interface: a small pool holds its images in a uint8 tensor and is saved
+as a plain ``.npz``; a large one is a directory (``images.npy`` read by index through
+``DiskImages``, the provenance arrays as ``.npy`` files and ``meta.json`` beside it) that is
+never loaded whole. ``Pool.load`` and ``Pool.save`` pick the storage from the path.
 
 Provenance (source, style, relevant, true_label) exists so benchmarks can score selection
 precision / recall; methods must never read it. Pools ingested from a folder have none:
@@ -16,13 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd3.data.storage import IMAGES_FILE, DiskImages, PoolImages, chunks, take
+
 UNKNOWN_LABEL = -1
 _ARRAYS = ("images", "source", "style", "relevant", "true_label")
+META_FILE = "meta.json"
+DIGEST_CHUNK = 8192  # images hashed at a time: the digest never needs the whole pool in memory
 
 
 @dataclass
 class Pool:
-    images: torch.Tensor  # uint8 N×C×H×W
+    images: PoolImages  # uint8 N×C×H×W: a tensor, or DiskImages for a pool stored on disk
     source: np.ndarray  # str per image: "fashion-r", "natural", "faces", ..., "folder"
     style: np.ndarray  # str per image: "clean", "sketch", ..., "none" for irrelevant images
     relevant: np.ndarray  # bool per image
@@ -40,7 +49,7 @@ class Pool:
                                  f"for {n} images")
 
     @classmethod
-    def unlabelled(cls, images: torch.Tensor, origin: str, meta: dict | None = None) -> Pool:
+    def unlabelled(cls, images: PoolImages, origin: str, meta: dict | None = None) -> Pool:
         """A pool without provenance (a user's folder, a source with its labels dropped)."""
         n = len(images)
         return cls(images=images, source=np.full(n, origin), style=np.full(n, "none"),
@@ -51,15 +60,19 @@ class Pool:
         return len(self.images)
 
     @property
+    def on_disk(self) -> bool:
+        return isinstance(self.images, DiskImages)
+
+    @property
     def has_provenance(self) -> bool:
         return bool(self.meta.get("provenance", True))
 
     def subset(self, indices: np.ndarray | torch.Tensor | list[int]) -> Pool:
         """The pool restricted to ``indices`` (in that order); meta notes the parent's size,
-        because its counts describe the parent, not the subset."""
+        because its counts describe the parent, not the subset. A pool on disk gives a lazy view."""
         idx = np.asarray(indices, dtype=np.int64)
         return Pool(
-            images=self.images[torch.from_numpy(idx)],
+            images=take(self.images, idx),
             source=self.source[idx], style=self.style[idx], relevant=self.relevant[idx],
             true_label=self.true_label[idx], meta={**self.meta, "subset_of": len(self)},
         )
@@ -69,37 +82,96 @@ class Pool:
         return dict(sorted(Counter(zip(self.source.tolist(), self.style.tolist())).items()))
 
     def digest(self) -> str:
-        """SHA-256 over images and provenance: equal digests mean byte-identical pools."""
+        """SHA-256 over images and provenance: equal digests mean byte-identical pools, whatever
+        their storage. Hashed in chunks; a stored pool's digest is kept in its meta.json (keyed by
+        the images file's size and mtime) so a million-image pool is not re-read on every run."""
+        stamp = self._disk_stamp()
+        if stamp is not None and self.meta.get("digest_of") == stamp:
+            return self.meta["digest"]
         h = hashlib.sha256()
-        h.update(self.images.numpy().tobytes())
+        for chunk in chunks(self.images, DIGEST_CHUNK):
+            h.update(chunk.numpy().tobytes())
         for name in _ARRAYS[1:]:
             h.update(np.ascontiguousarray(getattr(self, name)).tobytes())
         return h.hexdigest()
 
+    def _disk_stamp(self) -> list | None:
+        """(size, mtime) of a whole stored pool's images file; None in memory or for a view."""
+        if not isinstance(self.images, DiskImages) or self.images.rows is not None:
+            return None
+        stat = self.images.path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (an ``.npz`` without pickles) atomically, so a reader never sees half
-        a file when several processes build the same cached pool."""
+        """Write ``path`` atomically: an ``.npz`` (in-memory pools) or, for any other name, a pool
+        directory. A reader never sees half a file when several processes build the same pool."""
         path = Path(path)
+        if path.suffix != ".npz":
+            return self._save_directory(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz"
-            np.savez(
-                f,
-                images=self.images.numpy(),
-                # Fixed-width unicode arrays load with allow_pickle=False; object arrays would not.
-                source=self.source.astype(str), style=self.style.astype(str),
-                relevant=self.relevant.astype(bool),
-                true_label=self.true_label.astype(np.int64),
-                meta=np.array(json.dumps(self.meta, sort_keys=True)),
-            )
+            np.savez(f, images=self.images[:].numpy(), **self._provenance_arrays(),
+                     meta=np.array(json.dumps(self.meta, sort_keys=True)))
         os.replace(tmp, path)
         return path
 
+    def _provenance_arrays(self) -> dict[str, np.ndarray]:
+        # Fixed-width unicode arrays load with allow_pickle=False; object arrays would not.
+        return {"source": self.source.astype(str), "style": self.style.astype(str),
+                "relevant": self.relevant.astype(bool), "true_label": self.true_label.astype(np.int64)}
+
+    def _save_directory(self, directory: Path) -> Path:
+        from kd3.data.storage import ImageWriter
+
+        if not (isinstance(self.images, DiskImages) and self.images.path == directory / IMAGES_FILE
+                and self.images.rows is None):
+            writer = ImageWriter(directory / IMAGES_FILE, tuple(self.images.shape[1:]))
+            for chunk in chunks(self.images, DIGEST_CHUNK):
+                writer.write(chunk)
+            writer.close()
+        write_pool_arrays(directory, self._provenance_arrays(), self.meta)
+        return directory
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pool:
-        with np.load(Path(path), allow_pickle=False) as z:
+        """A pool ``.npz`` (read into memory) or a pool directory (images stay on disk)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls._load_directory(path)
+        with np.load(path, allow_pickle=False) as z:
             return cls(
                 images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
                 relevant=z["relevant"], true_label=z["true_label"],
                 meta=json.loads(str(z["meta"])),
             )
+
+    @classmethod
+    def _load_directory(cls, directory: Path) -> Pool:
+        missing = [name for name in (IMAGES_FILE, META_FILE, *(f"{a}.npy" for a in _ARRAYS[1:]))
+                   if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a complete kd3 pool directory: {', '.join(missing)} "
+                                    "missing (write one with `kd3 data ingest ... --out DIR`)")
+        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in _ARRAYS[1:]}
+        meta = json.loads((directory / META_FILE).read_text())
+        return cls(images=DiskImages(directory / IMAGES_FILE), meta=meta, **arrays)
+
+
+def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """The provenance arrays and meta.json of a pool directory (each written atomically), with
+    the pool's digest recorded so that later runs need not re-read its images."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        _atomic_write(directory / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+    pool = Pool(images=DiskImages(directory / IMAGES_FILE), meta=dict(meta), **arrays)
+    meta = {k: v for k, v in meta.items() if k not in ("digest", "digest_of")}
+    meta.update(digest=pool.digest(), digest_of=pool._disk_stamp())
+    _atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, sort_keys=True, indent=1).encode()))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
