@@ -29,11 +29,14 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                            help="an extra relevance score to report, e.g. meanrank:energy+bn_mean_all (repeatable)")
             p.add_argument("--device", default="cpu")
 
-    p = data_sub.add_parser("ingest", help="decode an image folder into a pool .npz")
-    p.add_argument("directory")
+    p = data_sub.add_parser("ingest", help="decode an image folder or WebDataset tar shards into a pool")
+    p.add_argument("directory", metavar="SOURCE",
+                   help="an image folder, or img2dataset tar shards: 'crawl/{00000..00099}.tar' (quote the braces)")
     p.add_argument("--size", type=int, required=True, help="output side length in pixels")
     p.add_argument("--channels", type=int, choices=[1, 3], required=True)
-    p.add_argument("--out", required=True, help="where to write the pool .npz")
+    p.add_argument("--out", required=True,
+                   help="a pool .npz (held in memory) or a pool directory (written as it decodes; for big crawls)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
     data.set_defaults(func=run)
 
 
@@ -42,7 +45,7 @@ def _pool_from_args(args: argparse.Namespace):
     from kd3.data.pools import load_or_build_pool
     from kd3.paths import cache_dir
 
-    if args.pool.endswith(".npz"):
+    if args.pool.endswith(".npz") or Path(args.pool).is_dir():
         return Pool.load(Path(args.pool))
     return load_or_build_pool(args.pool, cache_dir(), size=args.size, irrelevant_fraction=args.irrelevant_fraction,
                               variant=args.variant, seed=args.seed)
@@ -77,12 +80,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.data_command == "diagnose":
         _diagnose(args)
     elif args.data_command == "ingest":
-        from kd3.data.ingest import ingest_folder
+        from kd3.data.ingest import ingest
 
-        pool, report = ingest_folder(Path(args.directory), size=args.size, channels=args.channels)
-        out = Path(args.out)
-        pool.save(out)
-        print(f"wrote {out}: {len(pool)} images {tuple(pool.images.shape[1:])}; {report}")
+        pool, report = ingest(args.directory, size=args.size, channels=args.channels, out=args.out,
+                              workers=args.workers, show_progress=True)
+        print(f"wrote {args.out}: {len(pool)} images {tuple(pool.images.shape[1:])}; {report}")
 
 
 def _pool_title(args: argparse.Namespace) -> str:

@@ -33,7 +33,6 @@ def save_pool_grid(pool: Pool, path: str | os.PathLike,
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.truetype(str(text_fonts()[0]), 14)
-    images = pool.images.numpy()
     rows = []
     for r, ((source, style), count) in enumerate(groups):
         top = PAD + r * (cell + PAD)
@@ -42,7 +41,7 @@ def save_pool_grid(pool: Pool, path: str | os.PathLike,
                   anchor="lm")
         members = np.flatnonzero((pool.source == source) & (pool.style == style))[:per_group]
         for j, k in enumerate(members):
-            img = images[k]
+            img = pool.images[int(k)].numpy()  # one row at a time: the pool may live on disk
             tile = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
             sheet.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST),
                         (LABEL_WIDTH + PAD + j * (cell + PAD), top))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd3.data.augment import Normalizer
+from kd3.engine.distributed import map_rows
 
 
 @dataclass
@@ -27,10 +28,14 @@ def predict_logits(model: nn.Module, images: torch.Tensor, normalize: Normalizer
                    batch_size: int = 1024) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    outputs = [model(normalize(images[i:i + batch_size].to(device))).float().cpu()
-               for i in range(0, images.shape[0], batch_size)]
+    if len(images) == 0:
+        model.train(was_training)
+        return torch.empty(0)
+    # Sharded over ranks under torchrun, so every rank gets the whole result at a rank's cost.
+    (logits,) = map_rows(len(images), batch_size,
+                         lambda start, stop: [model(normalize(images[start:stop].to(device))).float().cpu()])
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    return logits
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kd3.data.augment import CropFlip, Normalizer
+from kd3.data.storage import PoolImages
 from kd3.models.base import Net
 
 
@@ -23,7 +24,7 @@ class DistillContext:
     """Everything a method may use. Pool provenance is deliberately not part of it."""
 
     teacher: Net | None  # None only when the run trains a teacher from labels
-    images: torch.Tensor  # the training pool, uint8 N×C×H×W on the CPU
+    images: PoolImages  # the training pool, uint8 N×C×H×W on the CPU: a tensor, or DiskImages read by index
     normalize: Normalizer
     augment: CropFlip
     num_classes: int

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd3.data.storage import take
 from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_method
 from kd3.methods.losses import kd_loss
 from kd3.methods.teacher_outputs import TeacherLogits
@@ -157,7 +158,7 @@ class DFND(Method):
 
     def _prepare_training_views(self) -> None:
         assert self.kept is not None
-        sub_ctx = dataclasses.replace(self.ctx, images=self.ctx.images[self.kept])
+        sub_ctx = dataclasses.replace(self.ctx, images=take(self.ctx.images, self.kept))
         self._teacher_logits = TeacherLogits(sub_ctx, self.options.teacher_views)
         self._position = torch.full((self.ctx.pool_size,), -1, dtype=torch.long)
         self._position[self.kept] = torch.arange(len(self.kept))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kd3.data.augment import FixedViews
+from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext
 from kd3.utils.progress import progress
 
@@ -28,15 +29,17 @@ class TeacherLogits:
     @torch.inference_mode()
     def _fill_cache(self) -> torch.Tensor:
         assert self.views is not None
-        ctx, n = self.ctx, self.ctx.pool_size
-        cache = torch.empty(n, self.num_views, ctx.num_classes)
-        chunk = 1024
-        for start in progress(range(0, n, chunk), desc="teacher views", enabled=ctx.progress):
-            idx = torch.arange(start, min(start + chunk, n))
-            images = ctx.images[idx].to(ctx.device)
-            for v in range(self.num_views):
-                x = ctx.normalize(self.views.apply(images, idx, torch.full_like(idx, v)))
-                cache[idx, v] = ctx.teacher(x).float().cpu()
+        ctx, views = self.ctx, self.views
+
+        def compute(start: int, stop: int) -> list[torch.Tensor]:
+            # The views are fixed per image (seeded), so a shard computed on any rank is the same.
+            idx = torch.arange(start, stop)
+            images = ctx.images[start:stop].to(ctx.device)
+            return [torch.stack([ctx.teacher(ctx.normalize(views.apply(images, idx, torch.full_like(idx, v)))).float().cpu()
+                                 for v in range(self.num_views)], dim=1)]
+
+        (cache,) = map_rows(ctx.pool_size, 1024, compute,
+                            lambda starts: progress(starts, desc="teacher views", enabled=ctx.progress))
         return cache
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ def grids_section(run: RunData, out: Path) -> Section:
         return Section(TITLE, note=problem)
     pictures = []
     for epoch in pick_epochs(list(run.selections)):
-        indices = np.load(run.selections[epoch])
+        indices = np.load(run.selections[epoch], allow_pickle=False)
         if len(indices) and indices.max() >= len(pool):
             return Section(TITLE, note=f"selections/epoch-{epoch:04d}.npy holds index {indices.max()} but the pool "
                                        f"has {len(pool)} images: the pool changed after the run.")
@@ -73,7 +73,6 @@ def selection_sheet(pool: Pool, chosen: np.ndarray) -> Image.Image:
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.truetype(str(text_fonts()[0]), 13)
-    images = pool.images.numpy()
     top = PAD
     for label, count, shown, rows in blocks:
         if label == "rejected":
@@ -85,7 +84,7 @@ def selection_sheet(pool: Pool, chosen: np.ndarray) -> Image.Image:
         for j, k in enumerate(shown):
             x = LABEL_WIDTH + PAD + (j % PER_ROW) * (cell + PAD)
             y = top + (j // PER_ROW) * (cell + PAD)
-            sheet.paste(_tile(images[k], cell), (x, y))
+            sheet.paste(_tile(pool.images[int(k)].numpy(), cell), (x, y))  # the pool may live on disk
             if pool.has_provenance and not pool.relevant[k]:
                 # Drawn in the PAD gap around the tile, so the image itself stays untouched.
                 draw.rectangle((x - 2, y - 2, x + cell + 1, y + cell + 1), outline=IRRELEVANT_BORDER, width=2)

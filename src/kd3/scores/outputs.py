@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from kd3.data.augment import Normalizer
+from kd3.data.storage import PoolImages
+from kd3.engine.distributed import map_rows
 from kd3.scores.formulas import BN_VARIANTS, bn_distance
 from kd3.utils.progress import progress
 
@@ -72,38 +74,39 @@ class _Recorder:
 
 
 @torch.inference_mode()
-def teacher_outputs(net: nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = 1024,
+def teacher_outputs(net: nn.Module, images: PoolImages, normalize: Normalizer, batch_size: int = 1024,
                     device: torch.device | str = "cpu", show_progress: bool = False) -> TeacherOutputs:
     """Run ``net`` once over uint8 ``images`` (clean views, eval mode) and keep what the scores need.
 
-    The network's train/eval mode is restored afterwards; its weights and running statistics are
-    never changed (eval mode, inference mode).
+    The pass streams ``images`` in batches (a pool on disk is never loaded whole) and, under
+    torchrun, is sharded over ranks and gathered (``distributed.map_rows``). The network's
+    train/eval mode is restored afterwards; its weights and running statistics are never changed.
     """
+    if len(images) == 0:
+        raise ValueError("no images to score")
     was_training = net.training
     net.eval()
     recorder = _Recorder(net)
-    logits, features = [], []
-    distances: dict[str, list[torch.Tensor]] = {v: [] for v in BN_VARIANTS}
-    layers: list[str] | None = None
+    layers: list[str] = []
+
+    def compute(start: int, stop: int) -> list[torch.Tensor]:
+        recorder.features, recorder.batchnorm = [], []
+        x = normalize(images[start:stop].to(device))
+        logits = net(x).float().cpu()
+        if len(recorder.features) != 1:
+            raise ValueError(f"the classifier of {type(net).__name__} ran {len(recorder.features)} times in one "
+                             "forward; relevance scores need it to run exactly once")
+        layers[:] = [name for name, _ in recorder.batchnorm]
+        per_variant = [torch.stack([d[v] for _, d in recorder.batchnorm], dim=1) if recorder.batchnorm
+                       else torch.zeros(len(x), 0) for v in BN_VARIANTS]
+        return [logits, recorder.features[0], *per_variant]
+
     try:
-        for start in progress(range(0, len(images), batch_size), desc="teacher scores", enabled=show_progress):
-            recorder.features, recorder.batchnorm = [], []
-            x = normalize(images[start:start + batch_size].to(device))
-            logits.append(net(x).float().cpu())
-            if len(recorder.features) != 1:
-                raise ValueError(f"the classifier of {type(net).__name__} ran {len(recorder.features)} times in one "
-                                 "forward; relevance scores need it to run exactly once")
-            features.append(recorder.features[0])
-            if layers is None:
-                layers = [name for name, _ in recorder.batchnorm]
-            for variant in BN_VARIANTS:
-                per_layer = [d[variant] for _, d in recorder.batchnorm]
-                distances[variant].append(torch.stack(per_layer, dim=1) if per_layer else torch.zeros(len(x), 0))
+        logits, norms, *distances = map_rows(
+            len(images), batch_size, compute,
+            lambda starts: progress(starts, desc="teacher scores", enabled=show_progress))
     finally:
         recorder.remove()
         net.train(was_training)
-    if not logits:
-        raise ValueError("no images to score")
-    norms = torch.cat(features)
-    return TeacherOutputs(logits=torch.cat(logits), feature_l2=norms[:, 0], feature_l1=norms[:, 1],
-                          bn_distances={v: torch.cat(d) for v, d in distances.items()}, bn_layers=layers or [])
+    return TeacherOutputs(logits=logits, feature_l2=norms[:, 0], feature_l1=norms[:, 1],
+                          bn_distances=dict(zip(BN_VARIANTS, distances)), bn_layers=list(layers))

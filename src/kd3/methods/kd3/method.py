@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_method
 from kd3.methods.kd3.contrastive import EmbeddingHead, global_average, nt_xent
 from kd3.methods.kd3.deploy import SharedClassifierStudent, probe_input, shared_classifier_logits, used_copy
@@ -215,26 +216,25 @@ class KD3(Method):
     @torch.inference_mode()
     def _clean_teacher_logits(self) -> torch.Tensor:
         if self.clean_teacher_logits is None:
-            ctx, n = self.ctx, self.ctx.pool_size
-            logits = torch.empty(n, ctx.num_classes)
-            for start in progress(range(0, n, ctx.batch_size), desc="kd3 teacher (clean)", enabled=ctx.progress):
-                stop = min(start + ctx.batch_size, n)
-                logits[start:stop] = self.teacher(ctx.normalize(ctx.images[start:stop].to(ctx.device))).float().cpu()
-            self.clean_teacher_logits = logits
+            ctx = self.ctx
+            (self.clean_teacher_logits,) = map_rows(
+                ctx.pool_size, ctx.batch_size,
+                lambda start, stop: [self.teacher(ctx.normalize(ctx.images[start:stop].to(ctx.device))).float().cpu()],
+                lambda starts: progress(starts, desc="kd3 teacher (clean)", enabled=ctx.progress))
         return self.clean_teacher_logits
 
     @torch.inference_mode()
     def _score_pool(self, teacher_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blended (confidence, prediction) of every pool image; networks in eval mode."""
-        ctx, n = self.ctx, self.ctx.pool_size
+        """Blended (confidence, prediction) of every pool image; networks in eval mode. Streamed in
+        batches, and sharded over ranks under torchrun (every rank gets the whole result)."""
+        ctx = self.ctx
         clean = self.options.selection_view == "clean"
         # With a(e) = 0 the teacher's logits are multiplied by 0: skip the teacher pass.
         teacher_cache = self._clean_teacher_logits() if clean and teacher_weight > 0 else None
-        confidence, prediction = torch.empty(n), torch.empty(n, dtype=torch.long)
         was_training = self.training
         self.eval()
-        for start in progress(range(0, n, ctx.batch_size), desc="kd3 selection", enabled=ctx.progress):
-            stop = min(start + ctx.batch_size, n)
+
+        def compute(start: int, stop: int) -> list[torch.Tensor]:
             images = ctx.images[start:stop].to(ctx.device)
             x = ctx.normalize(images if clean else ctx.augment(images))
             student_logits = self._student_outputs(x)[2].float()
@@ -245,7 +245,10 @@ class KD3(Method):
             else:
                 teacher_logits = self.teacher(x)
             c, y = blended_prediction(teacher_logits, student_logits, teacher_weight)
-            confidence[start:stop], prediction[start:stop] = c.cpu(), y.cpu()
+            return [c.cpu(), y.cpu()]
+
+        confidence, prediction = map_rows(ctx.pool_size, ctx.batch_size, compute,
+                                          lambda starts: progress(starts, desc="kd3 selection", enabled=ctx.progress))
         self.train(was_training)
         return confidence, prediction
 

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from kd3.data.augment import FixedViews
+from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext
 from kd3.utils.progress import progress
 
@@ -55,17 +56,19 @@ class TeacherTargets:
     @torch.inference_mode()
     def _fill_cache(self) -> None:
         assert self.views is not None
-        ctx, n = self.ctx, self.ctx.pool_size
-        self.maps = torch.empty(n, self.num_views, *self.feature_shape, dtype=torch.float16)
-        self.logits = torch.empty(n, self.num_views, ctx.num_classes)
-        for start in progress(range(0, n, ctx.batch_size), desc="kd3 teacher views", enabled=ctx.progress):
-            idx = torch.arange(start, min(start + ctx.batch_size, n))
-            images = ctx.images[idx].to(ctx.device)
-            for v in range(self.num_views):
-                feature_map, logits = self.teacher_forward(
-                    ctx.normalize(self.views.apply(images, idx, torch.full_like(idx, v))))
-                self.maps[idx, v] = feature_map.half().cpu()
-                self.logits[idx, v] = logits.float().cpu()
+        ctx, views = self.ctx, self.views
+
+        def compute(start: int, stop: int) -> list[torch.Tensor]:
+            # The views are fixed per image (seeded), so a shard computed on any rank is the same.
+            idx = torch.arange(start, stop)
+            images = ctx.images[start:stop].to(ctx.device)
+            outputs = [self.teacher_forward(ctx.normalize(views.apply(images, idx, torch.full_like(idx, v))))
+                       for v in range(self.num_views)]
+            return [torch.stack([m.half().cpu() for m, _ in outputs], dim=1),
+                    torch.stack([z.float().cpu() for _, z in outputs], dim=1)]
+
+        self.maps, self.logits = map_rows(ctx.pool_size, ctx.batch_size, compute,
+                                          lambda starts: progress(starts, desc="kd3 teacher views", enabled=ctx.progress))
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.ctx
