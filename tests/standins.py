@@ -45,3 +45,21 @@ def write_imagenet32(root: Path, per_batch: int, rng: np.random.Generator, npz: 
             np.savez(folder / f"{name}.npz", data=planar_batch(per_batch, rng), labels=labels)
         else:
             _pickle(folder / name, {"data": planar_batch(per_batch, rng), "labels": labels.tolist()})
+
+
+def write_teacher(path: Path, arch: str = "lenet5_half_bn", num_classes: int = 10, in_channels: int = 1,
+                  image_size: int = 28, data: str = "uci-digits:train") -> Path:
+    """An untrained kd3 teacher checkpoint (random weights, a genuine record): for tests that need
+    the file, not its accuracy."""
+    import torch
+
+    from kd3.models import create_model
+    from kd3.teacher import TeacherInfo, save_teacher
+
+    torch.manual_seed(0)
+    net = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    info = TeacherInfo(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                       classes=[f"c{i}" for i in range(num_classes)], mean=[0.5] * in_channels,
+                       std=[0.25] * in_channels, data=data, test_accuracy=0.0, val_accuracy=0.0)
+    save_teacher(path, net, info)
+    return path

@@ -24,6 +24,7 @@ from kd3.models import create_model
 from kd3.models.base import Net
 from kd3.paths import cache_dir, expand
 from kd3.teacher import TeacherInfo, load_teacher, save_teacher
+from kd3.utils.safe_load import refuse_unsafe
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
@@ -57,6 +58,11 @@ def _prepare_run(cfg: Any, resume: Path | None) -> Path:
     return resume
 
 
+def _resume(trainer: Trainer, run_dir: Path) -> None:
+    with refuse_unsafe(run_dir / "last.pt", "kd3 run checkpoint"):  # torch.load(weights_only=True) inside
+        trainer.resume()
+
+
 def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_after: int | None = None) -> tuple[Path, TeacherInfo]:
     """Train a teacher with labels (crop+flip recipe) and save a checkpoint with its record."""
     run_dir = _prepare_run(cfg, resume)
@@ -74,7 +80,7 @@ def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_afte
     method = supervised(net, ctx, method_options(supervised, {})).to(device)
     trainer = Trainer(method, cfg.train, run_dir, eval_data=test, show_progress=cfg.progress)
     if resume is not None:
-        trainer.resume()
+        _resume(trainer, run_dir)
     result = trainer.fit(stop_after=stop_after)
     val_result = evaluate(net, val.images, val.labels, ctx.normalize, device)
     info = TeacherInfo(arch=cfg.model, num_classes=len(train.classes), in_channels=in_channels, image_size=image_size,
@@ -105,7 +111,7 @@ def load_pool(cfg: DistillConfig) -> Pool:
     p = cfg.pool
     if p.name == "file":
         if not p.path:
-            raise ConfigError("pool.name=file needs pool.path=<the .npz written by `kd3 data ingest`>")
+            raise ConfigError("pool.name=file needs pool.path=<the .npz or pool directory written by `kd3 data ingest`>")
         pool = Pool.load(Path(p.path))
     elif p.name == "source":
         if not p.source:
@@ -173,7 +179,7 @@ def distill(cfg: DistillConfig, resume: Path | None = None, stop_after: int | No
     trainer = Trainer(method, cfg.train, run_dir, eval_data=eval_data, provenance=provenance,
                       show_progress=cfg.progress)
     if resume is not None:
-        trainer.resume()
+        _resume(trainer, run_dir)
     result = trainer.fit(stop_after=stop_after)
     if result.epochs == cfg.train.epochs:
         export_student(method, info, run_dir / "student.ts")
@@ -188,7 +194,11 @@ def export_student(method: Method, info: TeacherInfo, path: Path) -> Path:
 
 
 def load_any_model(path: Path) -> tuple[torch.nn.Module, Normalizer, int, int]:
-    """A teacher checkpoint, an exported student (.ts) or a run directory (its student.ts)."""
+    """A teacher checkpoint, an exported student (.ts) or a run directory (its student.ts).
+
+    A teacher ``.pt`` loads with ``weights_only=True`` (data only). A ``.ts`` is TorchScript, which
+    is code by nature: it is loaded only because the user named it (or the run directory holding
+    it), so pass only files you trust."""
     path = Path(path)
     if path.is_dir():
         path = path / "student.ts"

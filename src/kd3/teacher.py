@@ -12,6 +12,7 @@ from typing import Any
 from kd3.engine import checkpoint
 from kd3.models import create_model
 from kd3.models.base import Net
+from kd3.utils.safe_load import refuse_unsafe
 
 
 @dataclass
@@ -38,8 +39,9 @@ def save_teacher(path: Path, net: Net, info: TeacherInfo) -> None:
 
 def load_teacher(path: Path) -> tuple[Net, TeacherInfo]:
     """Load, verify the checksum, and return the network in eval mode with gradients off."""
-    record = checkpoint.load(path)
-    if "kd3_teacher" not in record:
+    with refuse_unsafe(path, "kd3 teacher checkpoint"):
+        record = checkpoint.load(path)
+    if not isinstance(record, dict) or "kd3_teacher" not in record:
         raise ValueError(f"{path} is not a kd3 teacher checkpoint (make one with `kd3 train-teacher CONFIG`)")
     info = TeacherInfo(**record["info"])
     actual = checkpoint.state_sha256(record["state_dict"])

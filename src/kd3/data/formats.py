@@ -8,13 +8,15 @@ has no class for) shares one code path with the rest.
 from __future__ import annotations
 
 import gzip
-import pickle
 from pathlib import Path
 
 import numpy as np
 
+from kd3.utils.safe_load import UnsafeFileError, read_npz, restricted_pickle
+
 # CIFAR and downsampled ImageNet store each image as 3072 bytes: the R plane, then G, then B.
 _PLANES = (3, 32, 32)
+_BATCH = "CIFAR / ImageNet32 batch"
 
 
 def find_file(directory: Path, name: str) -> Path | None:
@@ -50,10 +52,11 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
     return images[:, None].copy(), labels
 
 
-def _unpickle(path: Path) -> dict:
-    # latin1 reads both Python-2 pickles (the original CIFAR files) and Python-3 ones.
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
+def _unpickle(path: Path, what: str) -> dict:
+    # Never pickle.load: a planted data_batch_1 would run code. Only arrays and plain values load.
+    batch = restricted_pickle(path, what)
+    if not isinstance(batch, dict):
+        raise UnsafeFileError(f"{path} holds a {type(batch).__name__}, not the dict {what}s hold")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
@@ -68,10 +71,9 @@ def read_planar_batches(
     images, labels = [], []
     for path in paths:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                batch = {k: z[k] for k in z.files}
+            batch = read_npz(path, _BATCH)
         else:
-            batch = _unpickle(path)
+            batch = _unpickle(path, _BATCH)
         data = np.asarray(batch["data"], dtype=np.uint8)
         images.append(data.reshape(len(data), *_PLANES))
         labels.append(np.asarray(batch[label_key], dtype=np.int64) - label_offset)
@@ -80,7 +82,7 @@ def read_planar_batches(
 
 def read_meta_names(path: Path, key: str) -> list[str]:
     """Class names from a CIFAR ``batches.meta`` / ``meta`` pickle."""
-    return [str(n) for n in _unpickle(path)[key]]
+    return [str(n) for n in _unpickle(path, "CIFAR meta file")[key]]
 
 
 def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -100,7 +100,7 @@ def _jittered(gray: np.ndarray, n: int, rng: np.random.Generator, channels: int,
 def _lfw_faces() -> np.ndarray:
     import skimage
 
-    subset = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")  # 200×25×25
+    subset = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy", allow_pickle=False)  # 200×25×25
     # Only the first 100 are faces; the other 100 are background patches (skimage's docs).
     return (subset[:100] * 255).round().astype(np.uint8)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kd3.data.storage import IMAGES_FILE, DiskImages, PoolImages, chunks, take
+from kd3.utils.safe_load import read_npy, read_npz
 
 UNKNOWN_LABEL = -1
 _ARRAYS = ("images", "source", "style", "relevant", "true_label")
@@ -139,12 +140,12 @@ class Pool:
         path = Path(path)
         if path.is_dir():
             return cls._load_directory(path)
-        with np.load(path, allow_pickle=False) as z:
-            return cls(
-                images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
-                relevant=z["relevant"], true_label=z["true_label"],
-                meta=json.loads(str(z["meta"])),
-            )
+        z = read_npz(path, "kd3 pool")  # allow_pickle=False, a pickled array refused by name
+        return cls(
+            images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
+            relevant=z["relevant"], true_label=z["true_label"],
+            meta=json.loads(str(z["meta"])),
+        )
 
     @classmethod
     def _load_directory(cls, directory: Path) -> Pool:
@@ -153,7 +154,7 @@ class Pool:
         if missing:
             raise FileNotFoundError(f"{directory} is not a complete kd3 pool directory: {', '.join(missing)} "
                                     "missing (write one with `kd3 data ingest ... --out DIR`)")
-        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in _ARRAYS[1:]}
+        arrays = {name: read_npy(directory / f"{name}.npy", "kd3 pool") for name in _ARRAYS[1:]}
         meta = json.loads((directory / META_FILE).read_text())
         return cls(images=DiskImages(directory / IMAGES_FILE), meta=meta, **arrays)
 

@@ -25,6 +25,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict[str, 
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The module and its kd3 metadata. TorchScript is a program, not data: loading one runs what
+    its author compiled into it. kd3 never loads a ``.ts`` on its own initiative, only the one the
+    user names (``kd3 eval model.ts``, a run directory's ``student.ts``), so load only files you trust."""
     extra = {META_NAME: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

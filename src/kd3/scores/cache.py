@@ -19,6 +19,7 @@ from kd3.data.augment import Normalizer
 from kd3.data.pool import Pool
 from kd3.engine.checkpoint import atomic_save, state_sha256
 from kd3.scores.outputs import TeacherOutputs, teacher_outputs
+from kd3.utils.safe_load import refuse_unsafe
 
 # Bump when what the pass stores, or how, changes: it invalidates every cached file.
 SCORES_VERSION = 1
@@ -43,7 +44,8 @@ def cached_teacher_outputs(pool: Pool, teacher: nn.Module, normalize: Normalizer
     path = cache_path(key, cache_dir)
     if path.is_file():
         try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
+            with refuse_unsafe(path, "kd3 score cache"):  # a file that references code is refused, not overwritten
+                record = torch.load(path, map_location="cpu", weights_only=True)
             if record.get("key") == key:
                 return TeacherOutputs.from_record(record)
         except (OSError, RuntimeError, KeyError, zipfile.BadZipFile):
