@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 import kd3.methods  # noqa: F401  (registers every method)
-from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, from_dict, load_config, save_config, to_dict
+from kd3 import preflight
+from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, load_config, save_config, to_dict
 from kd3.data.augment import CropFlip, Normalizer
 from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
-from kd3.engine import checkpoint
+from kd3.engine import checkpoint, distributed
 from kd3.engine.evaluate import EvalResult, evaluate, predict_logits
 from kd3.engine.export import export_torchscript, load_torchscript
 from kd3.engine.trainer import Provenance, RunResult, Trainer, resolve_device
@@ -23,6 +24,7 @@ from kd3.methods.base import DistillContext, Method, get_method
 from kd3.models import create_model
 from kd3.models.base import Net
 from kd3.paths import cache_dir, expand
+from kd3.preflight import method_options  # also kd3.api.method_options, as before
 from kd3.teacher import TeacherInfo, load_teacher, save_teacher
 from kd3.utils.safe_load import refuse_unsafe
 
@@ -35,11 +37,6 @@ def new_run_dir(output_dir: str, name: str) -> Path:
         suffix += 1
     run_dir.mkdir(parents=True)
     return run_dir
-
-
-def method_options(method_cls: type[Method], values: dict[str, Any]) -> Any:
-    options = {k: v for k, v in values.items() if k != "name"}
-    return from_dict(method_cls.Options, options, prefix="method.")
 
 
 def _setup(train_seed: int, threads: int) -> None:
@@ -65,9 +62,14 @@ def _resume(trainer: Trainer, run_dir: Path) -> None:
 
 def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_after: int | None = None) -> tuple[Path, TeacherInfo]:
     """Train a teacher with labels (crop+flip recipe) and save a checkpoint with its record."""
+    preflight.require_model(cfg.model, "model")  # before the run directory exists or any data loads
+    preflight.check_train(cfg.train)
     run_dir = _prepare_run(cfg, resume)
     _setup(cfg.train.seed, cfg.train.threads)
     train, val, test = load_source(cfg.data), load_source(cfg.val_data), load_source(cfg.test_data)
+    trained = preflight.InputSpec(len(train.classes), tuple(train.images.shape[1:]), f"the teacher trained on data={cfg.data}")
+    for key, split in (("val_data", val), ("test_data", test)):
+        preflight.require_match(trained, tuple(split.images.shape[1:]), len(split.classes), f"{key}={getattr(cfg, key)}")
     in_channels, image_size = train.images.shape[1], train.images.shape[-1]
     net = create_model(cfg.model, num_classes=len(train.classes), in_channels=in_channels, image_size=image_size)
     device = resolve_device(cfg.train.device)
@@ -93,14 +95,8 @@ def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_afte
 
 def prepare_teacher(cfg: DistillConfig) -> tuple[Net, TeacherInfo]:
     """Load the configured teacher; train it first (once, cached) when a recipe is given and it is missing."""
-    path = expand(cfg.teacher.checkpoint)
-    if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is empty: give a kd3 teacher checkpoint "
-                          "(make one with `kd3 train-teacher configs/teachers/fashion-lenet5_bn.yaml`)")
+    path = preflight.teacher_path(cfg)
     if not path.is_file():
-        if not cfg.teacher.recipe:
-            raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with "
-                                    "`kd3 train-teacher CONFIG` or set teacher.recipe=CONFIG to train it on first use")
         print(f"Teacher {path} not found: training it once from {cfg.teacher.recipe} (cached for later runs)")
         recipe = load_config(TeacherTrainConfig, cfg.teacher.recipe, [f"output={cfg.teacher.checkpoint}"])
         train_teacher(replace(recipe, output_dir=str(Path(cfg.output_dir) / "teachers"), progress=cfg.progress))
@@ -112,6 +108,8 @@ def load_pool(cfg: DistillConfig) -> Pool:
     if p.name == "file":
         if not p.path:
             raise ConfigError("pool.name=file needs pool.path=<the .npz or pool directory written by `kd3 data ingest`>")
+        if not Path(p.path).exists():
+            raise FileNotFoundError(f"pool.path={p.path} does not exist (write a pool with `kd3 data ingest`)")
         pool = Pool.load(Path(p.path))
     elif p.name == "source":
         if not p.source:
@@ -135,30 +133,59 @@ def _provenance(pool: Pool, teacher: Net, normalize: Normalizer, device: torch.d
                       teacher_correct=pool.relevant & (predicted == pool.true_label))
 
 
-def build_distillation(cfg: DistillConfig) -> tuple[Method, LabelledData, Provenance | None, TeacherInfo]:
-    teacher, info = prepare_teacher(cfg)
+@dataclass
+class Checked:
+    """What ``check_distillation`` read on the way: reused, so nothing is loaded twice."""
+
+    method_cls: type[Method]
+    options: Any
+    teacher: preflight.InputSpec
+    eval_data: LabelledData
+    pool: Pool | None  # a file or source pool (cheap to load); None for a builder or original-data method
+
+
+def check_distillation(cfg: DistillConfig) -> Checked:
+    """Every check that can fail a run, done in seconds before a teacher is trained or a pool built."""
+    method_cls, options = preflight.check_method(cfg.method)
+    preflight.require_model(cfg.student, "student")
+    preflight.check_train(cfg.train)
+    spec = preflight.teacher_spec(cfg)
+    eval_data = load_source(cfg.eval_data)
+    preflight.require_match(spec, tuple(eval_data.images.shape[1:]), len(eval_data.classes), f"eval_data={cfg.eval_data}")
+    pool = None
+    if not method_cls.uses_original_data:
+        if cfg.pool.name in ("file", "source"):
+            pool = load_pool(cfg)
+            preflight.check_pool(pool, spec, preflight.pool_description(cfg.pool))
+        else:
+            preflight.check_builder(cfg.pool, spec)
+    return Checked(method_cls, options, spec, eval_data, pool)
+
+
+def build_distillation(cfg: DistillConfig, checked: Checked | None = None,
+                       ) -> tuple[Method, LabelledData, Provenance | None, TeacherInfo]:
+    checked = checked or check_distillation(cfg)
+    with distributed.main_first():  # rank 0 trains or checks a missing teacher; the others then load it
+        teacher, info = prepare_teacher(cfg)
     device = resolve_device(cfg.train.device)
     teacher = teacher.to(device)
-    method_cls = get_method(cfg.method.get("name", ""))
-    options = method_options(method_cls, cfg.method)
+    method_cls, options = checked.method_cls, checked.options
     normalize = Normalizer(tuple(info.mean), tuple(info.std))
     provenance, labels = None, None
     if method_cls.uses_original_data:
         original = load_source(info.data)
         images, labels = original.images, original.labels
     else:
-        pool = load_pool(cfg)
+        with distributed.main_first():  # rank 0 builds a missing pool cache; the others then read it
+            pool = checked.pool if checked.pool is not None else load_pool(cfg)
+        preflight.check_pool(pool, checked.teacher, preflight.pool_description(cfg.pool))  # a built pool too
         images = pool.images
         provenance = _provenance(pool, teacher, normalize, device)
-    if tuple(images.shape[1:]) != (info.in_channels, info.image_size, info.image_size):
-        raise ValueError(f"training images are {tuple(images.shape[1:])} but the teacher expects "
-                         f"{(info.in_channels, info.image_size, info.image_size)}; rebuild the pool with matching "
-                         "--size/--channels")
-    eval_data = load_source(cfg.eval_data)
+    eval_data = checked.eval_data
     ctx = DistillContext(teacher=teacher, images=images, labels=labels, normalize=normalize,
                          augment=CropFlip(cfg.augment.padding, cfg.augment.flip), num_classes=info.num_classes,
                          epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=device,
-                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress,
+                         seed=cfg.train.seed, cache_dir=cache_dir(), progress=cfg.progress and distributed.is_main(),
                          teacher_accuracy=info.val_accuracy)
     student = create_model(cfg.student, num_classes=info.num_classes, in_channels=info.in_channels,
                            image_size=info.image_size)
@@ -173,15 +200,18 @@ def distill(cfg: DistillConfig, resume: Path | None = None, stop_after: int | No
     """Distil a student; with ``resume`` continue the run in that directory from its last.pt."""
     if resume is not None:
         cfg = load_config(DistillConfig, resume / "config.yaml")
-    run_dir = _prepare_run(cfg, resume)
+    checked = check_distillation(cfg)  # before the run directory exists: a bad config leaves nothing behind
+    # Under torchrun: join the process group; rank 0 makes the run directory and tells the others.
+    distributed.init_from_env(resolve_device(cfg.train.device).type)
+    run_dir = distributed.broadcast_object(_prepare_run(cfg, resume) if distributed.is_main() else None)
     _setup(cfg.train.seed, cfg.train.threads)
-    method, eval_data, provenance, info = build_distillation(cfg)
+    method, eval_data, provenance, info = build_distillation(cfg, checked)
     trainer = Trainer(method, cfg.train, run_dir, eval_data=eval_data, provenance=provenance,
                       show_progress=cfg.progress)
     if resume is not None:
         _resume(trainer, run_dir)
     result = trainer.fit(stop_after=stop_after)
-    if result.epochs == cfg.train.epochs:
+    if result.epochs == cfg.train.epochs and distributed.is_main():
         export_student(method, info, run_dir / "student.ts")
     return result
 
@@ -216,5 +246,10 @@ def evaluate_file(path: Path, data: str, device: str = "auto") -> EvalResult:
     labelled = load_source(data)
     if tuple(labelled.images.shape[1:]) != (channels, size, size):
         raise ValueError(f"{data} images are {tuple(labelled.images.shape[1:])}, the model expects {(channels, size, size)}")
+    with torch.no_grad():  # one blank image tells how many classes any model (teacher or .ts) predicts
+        predicted = model(torch.zeros(1, channels, size, size)).shape[-1]
+    if predicted != len(labelled.classes):
+        raise ValueError(f"{data} has {len(labelled.classes)} classes but the model predicts {predicted}; "
+                         "evaluate on a split of the model's own classes")
     dev = resolve_device(device)
     return evaluate(model.to(dev), labelled.images, labelled.labels, normalize, dev)

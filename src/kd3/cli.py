@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,17 +15,45 @@ def _print_result(title: str, rows: list[list], columns: list[str]) -> None:
     print_table(title, columns, rows)
 
 
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """``kd3 distill --nproc N ...`` is ``torchrun --standalone --nproc_per_node N -m kd3 distill ...``."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N, keep everything else as typed
+        if arg == "--nproc":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "kd3", *argv]
+    print("running:", " ".join(command), file=sys.stderr)
+    code = subprocess.call(command)
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     from kd3 import api
     from kd3.config import DistillConfig, load_config
+    from kd3.engine import distributed
 
-    if args.resume:
-        result = api.distill(None, resume=Path(args.resume))  # type: ignore[arg-type]
-    else:
-        result = api.distill(load_config(DistillConfig, args.config, args.overrides))
-    _print_result("kd3 distill", [[str(result.run_dir), f"{100 * result.accuracy:.2f} ± {100 * result.accuracy_se:.2f}",
-                                   f"{result.wall_time:.1f}", result.images_seen, f"{result.images_per_second:.0f}"]],
-                  ["run", "test acc % (±SE)", "wall s", "images seen", "images/s"])
+    if args.nproc > 1 and not distributed.launched():
+        _relaunch_with_torchrun(args.nproc)
+        return
+    try:
+        if args.resume:
+            result = api.distill(None, resume=Path(args.resume))  # type: ignore[arg-type]
+        else:
+            result = api.distill(load_config(DistillConfig, args.config, args.overrides))
+    finally:
+        distributed.shutdown()
+    if not distributed.launched() or int(os.environ.get("RANK", "0")) == 0:  # one summary, from rank 0
+        _print_result("kd3 distill", [[str(result.run_dir), f"{100 * result.accuracy:.2f} ± {100 * result.accuracy_se:.2f}",
+                                       f"{result.wall_time:.1f}", result.images_seen, f"{result.images_per_second:.0f}"]],
+                      ["run", "test acc % (±SE)", "wall s", "images seen", "images/s"])
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -67,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 method.name=kd3")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes (torchrun on this machine: N GPUs, or N CPU processes with gloo)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("train-teacher", help="train a teacher on a labelled source")
@@ -99,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a bad config, a bad or missing file or a missing dataset raises: one line, exit code 2.
+    Evaluated only once an error propagates, so the import does not slow every command down."""
+    from kd3.data.sources import DataUnavailable
+
+    return ConfigError, FileNotFoundError, ValueError, DataUnavailable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "distill" and not args.config and not args.resume:
@@ -106,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except _user_errors() as error:
         print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

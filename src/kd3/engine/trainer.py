@@ -5,6 +5,7 @@ decides what data an epoch trains on and what the losses are.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
@@ -18,7 +19,7 @@ import torch
 
 from kd3.config import TrainConfig
 from kd3.data.sources import LabelledData
-from kd3.engine import checkpoint
+from kd3.engine import checkpoint, distributed
 from kd3.engine.evaluate import EvalResult, evaluate
 from kd3.engine.logging import MetricsLog
 from kd3.engine.selection_metrics import selection_metrics
@@ -48,9 +49,10 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The configured device; under torchrun on GPU, this local rank's card."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.device_for_rank(torch.device(name))
 
 
 def lr_factor(epoch: int, cfg: TrainConfig) -> float:
@@ -63,6 +65,18 @@ def lr_factor(epoch: int, cfg: TrainConfig) -> float:
     raise ValueError(f"train.schedule={cfg.schedule!r}; valid: step, cosine")
 
 
+def _check_same_plan(indices: torch.Tensor | None) -> None:
+    """Under torchrun every rank must train on the same selected set (the scoring passes are
+    gathered so that it is); a mismatch would silently train ranks on different data, so stop."""
+    if not distributed.active():
+        return
+    digest = hashlib.sha1(indices.cpu().numpy().tobytes()).hexdigest() if indices is not None else None
+    digests = distributed.gather_objects(digest)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks chose different training sets this epoch ({digests}); "
+                           "a whole-pool pass is not going through distributed.map_rows")
+
+
 class Trainer:
     def __init__(self, method: Method, cfg: TrainConfig, run_dir: Path, eval_data: LabelledData | None = None,
                  provenance: Provenance | None = None, show_progress: bool = True):
@@ -71,28 +85,45 @@ class Trainer:
         self.run_dir = run_dir
         self.eval_data = eval_data
         self.provenance = provenance
-        self.show_progress = show_progress
+        self.show_progress = show_progress and distributed.is_main()
         self.device = method.ctx.device
-        self.optimizer = torch.optim.SGD(method.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.params = method.trainable_parameters()
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.start_epoch = 0
         self.elapsed = 0.0
         self.images_seen = 0
+        # The order of the global batches: one generator every rank shares (same seed), so under
+        # torchrun all ranks cut the same batches and each trains on its own part of every one.
+        self.shuffle = torch.Generator().manual_seed(method.ctx.seed)
+        # Every rank starts from rank 0's weights; augmentation and the like then draw from per-rank
+        # seeds (rank 0 keeps the run's seed, so one process is unchanged by any of this).
+        distributed.broadcast_module(method)
+        if distributed.rank() > 0:
+            torch.manual_seed(method.ctx.seed + 1_000_003 * distributed.rank())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
+        """Rank 0 writes ``last.pt`` (with every rank's RNG state); the other ranks wait for it."""
+        ranks_rng = distributed.gather_objects(checkpoint.rng_state())
+        if not distributed.is_main():
+            distributed.barrier()
+            return
         checkpoint.atomic_save({
             "epoch": epoch,
             "method": self.method.state_dict(),
             "method_state": self.method.method_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": ranks_rng[0],
+            "ranks_rng": ranks_rng,
+            "shuffle": self.shuffle.get_state(),
             "elapsed": self.elapsed,
             "images_seen": self.images_seen,
         }, self.run_dir / "last.pt")
+        distributed.barrier()
 
     def resume(self) -> None:
         state = checkpoint.load(self.run_dir / "last.pt")
@@ -100,11 +131,20 @@ class Trainer:
         self.method.load_method_state(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        # Under another world size, a rank without a saved state of its own takes a fresh seed.
+        ranks_rng = state.get("ranks_rng", [state["rng"]])
+        if distributed.rank() < len(ranks_rng):
+            checkpoint.set_rng_state(ranks_rng[distributed.rank()])
+        else:
+            torch.manual_seed(self.method.ctx.seed + 1_000_003 * distributed.rank() + state["epoch"])
+        if "shuffle" in state:
+            self.shuffle.set_state(state["shuffle"])
         self.start_epoch = state["epoch"]
         self.elapsed = state["elapsed"]
         self.images_seen = state["images_seen"]
-        self.log.truncate_after(self.start_epoch)
+        if distributed.is_main():
+            self.log.truncate_after(self.start_epoch)
+        distributed.barrier()
 
     # -- the loop ------------------------------------------------------------------------------
     def _autocast(self):
@@ -116,19 +156,24 @@ class Trainer:
         return self.cfg.epoch_steps or math.ceil(plan_size / self.cfg.batch_size)
 
     def _batches(self, indices: torch.Tensor):
-        """Shuffled batches: one pass, or with ``epoch_steps`` as many reshuffled passes as it takes."""
+        """Shuffled batches: one pass, or with ``epoch_steps`` as many reshuffled passes as it takes.
+
+        Each batch is a global batch of ``batch_size`` images; under torchrun this rank trains on
+        its equal part of it (``tensor_split``), so the global batch is what the config says."""
         size, produced = self.cfg.batch_size, 0
+        world, rank = distributed.world_size(), distributed.rank()
         passes = itertools.count() if self.cfg.epoch_steps else range(1)
         for _ in passes:
-            order = indices[torch.randperm(len(indices))]
+            order = indices[torch.randperm(len(indices), generator=self.shuffle)]
             for start in range(0, len(order), size):
                 if self.cfg.epoch_steps and produced == self.cfg.epoch_steps:
                     return
                 chunk = order[start:start + size]
-                if len(chunk) < 2 and start > 0:
+                if len(chunk) < 2 * world and start > 0:
                     continue  # a batch of one breaks BatchNorm; its image comes back next epoch
                 produced += 1
-                yield Batch(indices=chunk, images=self.method.ctx.images[chunk].to(self.device, non_blocking=True))
+                local = chunk.tensor_split(world)[rank]
+                yield Batch(indices=local, images=self.method.ctx.images[local].to(self.device, non_blocking=True))
 
     def evaluate(self) -> EvalResult | None:
         if self.eval_data is None:
@@ -145,8 +190,9 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         method = self.method
         plan = method.begin_epoch(epoch)
+        _check_same_plan(plan.indices)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        if plan.indices is not None and len(plan.indices) < method.ctx.pool_size:
+        if plan.indices is not None and len(plan.indices) < method.ctx.pool_size and distributed.is_main():
             self._save_selection(epoch, plan.indices)
         if plan.indices is not None and self.provenance is not None:
             p = self.provenance
@@ -162,11 +208,13 @@ class Trainer:
             with self._autocast():
                 losses = method.training_step(batch)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} ({losses}); "
-                                         "lower train.lr or check the teacher checkpoint")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Under torchrun the loss is averaged with the gradients, so every rank sees a
+            # non-finite loss on any rank and all of them stop at the same step.
+            if not torch.isfinite(distributed.average_gradients(self.params, extra=loss)):
+                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} ({losses}); "
+                                         "lower train.lr or check the teacher checkpoint")
             self.optimizer.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
@@ -176,6 +224,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         seconds = time.perf_counter() - started
         self.scheduler.step()
+        # Every rank's BatchNorm statistics come from its own part of the batches: keep rank 0's.
+        distributed.broadcast_module(method)
+        world = distributed.world_size()
+        sums = {k: v / world for k, v in distributed.all_reduce_sum(sums).items()}
+        seen = int(distributed.all_reduce_sum({"seen": seen})["seen"])
         record.update({f"loss_{k}": v / max(steps, 1) for k, v in sums.items()})
         record["loss"] = sum(sums.values()) / max(steps, 1)
         record.update(train_images=seen, epoch_time=seconds, images_per_s=seen / max(seconds, 1e-9))
@@ -198,7 +251,8 @@ class Trainer:
                     record.update(test_acc=last_eval.accuracy, test_loss=last_eval.loss)
             self.elapsed += time.perf_counter() - started
             record["elapsed"] = self.elapsed
-            self.log.write(record)
+            if distributed.is_main():
+                self.log.write(record)
             history.append(record)
             self.save(epoch + 1)
         if last_eval is None:
