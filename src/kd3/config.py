@@ -6,8 +6,10 @@ Unknown keys and wrongly typed values are rejected with the list of valid keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +46,7 @@ class TrainConfig:
     # Optimizer steps per epoch; 0 = one pass over the epoch's training set. A fixed number puts
     # methods that train on a subset (selection, oracle) on the same compute as those on the whole pool.
     epoch_steps: int = 0
+    logger: str = "jsonl"  # metrics.jsonl always; "tensorboard" mirrors it to run_dir/tensorboard (kd3[tensorboard])
 
 
 @dataclass
@@ -55,7 +58,7 @@ class TeacherRef:
 @dataclass
 class PoolConfig:
     name: str = "fashion-wild"  # a builder (fashion-wild, digits-wild), "file" (an ingested .npz) or "source"
-    path: str = ""  # with name=file: the .npz written by `kd3 data ingest`
+    path: str = ""  # with name=file: the .npz or pool directory written by `kd3 data ingest`
     source: str = ""  # with name=source: a labelled source's images, labels dropped (e.g. imagenet32:train)
     size: int = 20000
     irrelevant_fraction: float = 0.7
@@ -69,7 +72,7 @@ class DistillConfig:
     name: str = "distill"
     output_dir: str = "runs"
     student: str = "lenet5_half_bn"
-    eval_data: str = "fashion-mnist:test"
+    eval_data: str = "fashion-mnist:test"  # SOURCE:SPLIT the student is tested on; "" for none (accuracy unknown)
     teacher: TeacherRef = field(default_factory=TeacherRef)
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -91,6 +94,34 @@ class TeacherTrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     progress: bool = True
 
+
+# What each numeric or choice field may hold: (test, the range in words). Checked when a config is
+# read, so a run that cannot work stops within seconds instead of after the teacher or pool is built.
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(low: int) -> Check:
+    return (lambda v: v >= low), f"an integer ≥ {low}"
+
+
+def _one_of(*options: str) -> Check:
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+_FRACTION: Check = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_POSITIVE: Check = ((lambda v: v > 0), "> 0")
+
+LOGGERS = ("jsonl", "tensorboard")
+RANGES: dict[type, dict[str, Check]] = {
+    TrainConfig: {
+        "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _POSITIVE,
+        "momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"), "weight_decay": ((lambda v: v >= 0), "≥ 0"),
+        "schedule": _one_of("step", "cosine"), "milestones": _FRACTION, "gamma": _POSITIVE,
+        "threads": _at_least(0), "eval_every": _at_least(1), "epoch_steps": _at_least(0), "logger": _one_of(*LOGGERS),
+    },
+    AugmentConfig: {"padding": _at_least(0)},
+    PoolConfig: {"size": _at_least(1), "irrelevant_fraction": _FRACTION},
+}
 
 C = TypeVar("C")
 
@@ -133,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):  # YAML reads .nan and .inf; no kd3 setting means either
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     return value
 
 
@@ -145,7 +178,17 @@ def from_dict(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
         valid = ", ".join(prefix + name for name in fields)
         raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys here: {valid}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    check_ranges(config, prefix)
+    return config
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Reject values of the right type that no run can use (``RANGES``), naming key, value and range."""
+    for name, (valid, text) in RANGES.get(type(config), {}).items():
+        value = getattr(config, name)
+        if not all(valid(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{prefix}{name}: must be {text}, got {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -188,20 +231,41 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _parse_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        def at(mark: Any) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}"
+
+        mark = error.problem_mark or error.context_mark
+        where = f" at {at(mark)}" if mark else ""
+        # The context says what was open when it broke, e.g. "while parsing a flow sequence" and where it began.
+        context = f" ({error.context} at {at(error.context_mark)})" if error.context and error.context_mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {error.problem or error.context}{context}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: YAML syntax error: {error}") from None
+
+
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; a ``base: other.yaml`` key (relative to this file) is loaded first and
-    deep-merged under this file's keys, so presets share one base instead of repeating it."""
+    deep-merged under this file's keys, so presets share one base instead of repeating it.
+    ``seen`` is the chain of files that led here (each one's base is the next)."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (presets live under configs/)")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    values = yaml.safe_load(path.read_text()) or {}
+        via = f" (the base of {seen[-1]})" if seen else " (presets live under configs/)"
+        raise ConfigError(f"config file {path} does not exist{via}")
+    if path.resolve() in [p.resolve() for p in seen]:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: the 'base' chain loops: {chain}")
+    values = _parse_yaml(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     base = values.pop("base", None)
     if base is None:
         return values
-    return _merge(read_yaml(path.parent / base, (*seen, path.resolve())), values)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name (e.g. base: base.yaml), got {base!r}")
+    return _merge(read_yaml(path.parent / base, (*seen, path)), values)
 
 
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:

@@ -37,13 +37,25 @@ def save_teacher(path: Path, net: Net, info: TeacherInfo) -> None:
     checkpoint.atomic_save({"kd3_teacher": 1, "info": vars(info), "state_dict": state}, path)
 
 
-def load_teacher(path: Path) -> tuple[Net, TeacherInfo]:
-    """Load, verify the checksum, and return the network in eval mode with gradients off."""
+def _read_record(path: Path) -> tuple[dict[str, Any], TeacherInfo]:
     with refuse_unsafe(path, "kd3 teacher checkpoint"):
         record = checkpoint.load(path)
     if not isinstance(record, dict) or "kd3_teacher" not in record:
         raise ValueError(f"{path} is not a kd3 teacher checkpoint (make one with `kd3 train-teacher CONFIG`)")
-    info = TeacherInfo(**record["info"])
+    try:
+        return record, TeacherInfo(**record["info"])
+    except TypeError as error:  # fields missing or unknown: written by something else
+        raise ValueError(f"{path} is not a kd3 teacher checkpoint: its record does not fit ({error})") from None
+
+
+def read_teacher_info(path: Path) -> TeacherInfo:
+    """The record alone (classes, input shape, ...): what a run is checked against before it starts."""
+    return _read_record(path)[1]
+
+
+def load_teacher(path: Path) -> tuple[Net, TeacherInfo]:
+    """Load, verify the checksum, and return the network in eval mode with gradients off."""
+    record, info = _read_record(path)
     actual = checkpoint.state_sha256(record["state_dict"])
     if actual != info.sha256:
         raise ValueError(f"{path}: weights checksum {actual[:12]} does not match the recorded {info.sha256[:12]}; "

@@ -50,6 +50,7 @@ RECIPES: dict[str, dict[str, dict]] = {
     },
 }
 _SHAPE = (1, 28, 28)  # both benchmarks are 1×28×28
+IMAGE_SHAPE = _SHAPE  # public: a run checks its teacher against it before building a pool
 
 
 def _rng(seed: int, component: str) -> np.random.Generator:

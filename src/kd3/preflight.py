@@ -1,0 +1,143 @@
+"""Checks that stop a bad run within seconds, before anything expensive starts.
+
+Training a teacher from its recipe or building a benchmark pool takes minutes; a run whose
+student architecture is misspelt, whose eval split has other classes than the teacher, or whose
+pool images have another size must not get that far. These checks read only what is cheap: the
+config, the teacher checkpoint's record (or, for a teacher still to be trained, its recipe and the
+split it would train on), the eval split, and the builders' fixed image shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd3.config import ConfigError, DistillConfig, PoolConfig, TeacherTrainConfig, TrainConfig, from_dict, load_config
+from kd3.data.pool import Pool
+from kd3.engine.logging import summary_writer_class
+from kd3.methods.base import Method, get_method
+from kd3.models import list_models
+from kd3.paths import expand
+
+
+def method_options(method_cls: type[Method], values: dict[str, Any]) -> Any:
+    """The ``method:`` section (less its name) as the method's Options dataclass, unknown keys rejected."""
+    options = {k: v for k, v in values.items() if k != "name"}
+    return from_dict(method_cls.Options, options, prefix="method.")
+
+
+def check_method(values: dict[str, Any]) -> tuple[type[Method], Any]:
+    """The method class and its options; an unknown name lists the known ones."""
+    method_cls = get_method(values.get("name", ""))
+    return method_cls, method_options(method_cls, values)
+
+
+def check_train(train: TrainConfig) -> None:
+    """What ``train:`` needs from this machine (ranges were checked when the config was read)."""
+    check_device(train.device)
+    if train.logger == "tensorboard":
+        summary_writer_class()
+
+
+def require_model(name: str, key: str) -> None:
+    if name not in list_models():
+        raise ConfigError(f"{key}={name!r} is not a known architecture; known: {', '.join(list_models())} "
+                          "(register others with kd3.models.register_model)")
+
+
+def check_device(name: str, key: str = "train.device") -> None:
+    """A device string torch parses and this machine has: a CUDA run on a CPU box fails here, not after setup."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name!r} but CUDA is not available on this machine; use {key}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a teacher takes and predicts; ``origin`` names it in messages."""
+
+    num_classes: int
+    shape: tuple[int, int, int]  # C, H, W
+    origin: str
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def teacher_path(cfg: DistillConfig) -> Path:
+    """The configured teacher checkpoint; an error now if it is unset, or missing without a recipe."""
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint is empty: give a kd3 teacher checkpoint "
+                          "(make one with `kd3 train-teacher configs/teachers/fashion-lenet5_bn.yaml`)")
+    path = expand(cfg.teacher.checkpoint)
+    if not path.is_file() and not cfg.teacher.recipe:
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with "
+                                "`kd3 train-teacher CONFIG` or set teacher.recipe=CONFIG to train it on first use")
+    return path
+
+
+def teacher_spec(cfg: DistillConfig) -> InputSpec:
+    """From the checkpoint's record, or, when it is still to be trained, from its recipe's data."""
+    from kd3.data.sources import load_source
+    from kd3.teacher import read_teacher_info
+
+    path = teacher_path(cfg)
+    if path.is_file():
+        info = read_teacher_info(path)
+        return InputSpec(info.num_classes, (info.in_channels, info.image_size, info.image_size), f"the teacher {path}")
+    recipe = load_config(TeacherTrainConfig, cfg.teacher.recipe)
+    require_model(recipe.model, f"{cfg.teacher.recipe}: model")
+    data = load_source(recipe.data)
+    return InputSpec(len(data.classes), tuple(data.images.shape[1:]),
+                     f"the teacher {cfg.teacher.recipe} trains ({recipe.data})")
+
+
+def require_match(spec: InputSpec, shape: tuple[int, ...], num_classes: int | None, what: str) -> None:
+    """``what``'s images (and classes, when it has labels) fit the teacher; else one line saying how not."""
+    if tuple(shape) != spec.shape:
+        raise ConfigError(f"{what} images are {_shape_text(shape)} (C×H×W) but {spec.origin} takes "
+                          f"{_shape_text(spec.shape)}; use data of the teacher's size and channels "
+                          "(kd3 data ingest --size/--channels for a folder)")
+    if num_classes is not None and num_classes != spec.num_classes:
+        raise ConfigError(f"{what} has {num_classes} classes but {spec.origin} predicts {spec.num_classes}; "
+                          "evaluate on a split of the teacher's own classes")
+
+
+def check_builder(pool: PoolConfig, spec: InputSpec) -> None:
+    """A benchmark pool's knobs and image shape, known without building it."""
+    from kd3.data.pools import IMAGE_SHAPE, RECIPES, resolve_knobs
+
+    if pool.name not in RECIPES:
+        raise ConfigError(f"pool.name={pool.name!r} is not a pool; known: {', '.join(RECIPES)}, "
+                          "file (with pool.path) or source (with pool.source)")
+    try:
+        resolve_knobs(pool.name, size=pool.size, irrelevant_fraction=pool.irrelevant_fraction,
+                      variant=pool.variant, seed=pool.seed)
+    except ValueError as error:
+        raise ConfigError(f"pool: {error}") from None
+    require_match(spec, IMAGE_SHAPE, None, f"pool.name={pool.name}")
+
+
+def check_pool(pool: Pool, spec: InputSpec, what: str) -> None:
+    if len(pool) == 0:
+        raise ConfigError(f"{what} holds no images: nothing to distil on (an ingest that decoded nothing, "
+                          "or pool.oracle=true on a pool without relevant images)")
+    require_match(spec, tuple(pool.images.shape[1:]), None, what)
+
+
+def pool_description(pool: PoolConfig) -> str:
+    if pool.name == "file":
+        return f"pool.path={pool.path}"
+    if pool.name == "source":
+        return f"pool.source={pool.source}"
+    return f"pool.name={pool.name}"
