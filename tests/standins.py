@@ -63,3 +63,19 @@ def write_teacher(path: Path, arch: str = "lenet5_half_bn", num_classes: int = 1
                        std=[0.25] * in_channels, data=data, test_accuracy=0.0, val_accuracy=0.0)
     save_teacher(path, net, info)
     return path
+
+
+def write_digits_inputs(root: Path) -> None:
+    """An untrained 1×28×28 10-class teacher and a 64-image UCI-digits file pool under ``root``."""
+    from kd3.data.pool import Pool
+    from kd3.data.sources import load_source
+
+    write_teacher(root / "teacher.pt")
+    Pool.unlabelled(load_source("uci-digits:train").images[:64], origin="folder").save(root / "pool.npz")
+
+
+def digits_distill_args(root: Path, *overrides: str) -> list[str]:
+    """``kd3 distill`` arguments of a one-epoch run on ``write_digits_inputs(root)`` (seconds)."""
+    return ["distill", "configs/digits-wild/blind_kd.yaml", f"teacher.checkpoint={root / 'teacher.pt'}", "teacher.recipe=",
+            "pool.name=file", f"pool.path={root / 'pool.npz'}", "eval_data=uci-digits:test", "train.epochs=1",
+            "train.batch_size=32", "progress=false", f"output_dir={root / 'runs'}", *overrides]

@@ -6,23 +6,16 @@ import torch
 
 from kd3.cli import main
 from kd3.data.pool import Pool
-from kd3.data.sources import load_source
-from standins import write_cifar10, write_teacher
+from standins import digits_distill_args, write_cifar10, write_digits_inputs, write_teacher
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     """An untrained 1×28×28, 10-class teacher, a file pool of UCI digits, and a private cache."""
     monkeypatch.setenv("KD3_CACHE", str(tmp_path / "cache"))
-    write_teacher(tmp_path / "teacher.pt")
-    Pool.unlabelled(load_source("uci-digits:train").images[:64], origin="folder").save(tmp_path / "pool.npz")
+    write_digits_inputs(tmp_path)
     return tmp_path
 
-
-def distill_args(root, *overrides):
-    return ["distill", "configs/digits-wild/blind_kd.yaml", f"teacher.checkpoint={root / 'teacher.pt'}", "teacher.recipe=",
-            "pool.name=file", f"pool.path={root / 'pool.npz'}", "eval_data=uci-digits:test", "train.epochs=1",
-            "progress=false", f"output_dir={root / 'runs'}", *overrides]
 
 
 def fails(capsys, argv, *expected):
@@ -59,7 +52,7 @@ def fails(capsys, argv, *expected):
     ("method.temperature=.inf", "method.temperature: must be a finite number, got inf"),
 ])
 def test_out_of_range_numbers(setup, capsys, override, expected):
-    fails(capsys, distill_args(setup, override), "kd3 distill: error: ", expected)
+    fails(capsys, digits_distill_args(setup, override), "kd3 distill: error: ", expected)
     assert not (setup / "runs").exists()
 
 
@@ -95,27 +88,27 @@ def test_missing_base_names_the_file_that_wants_it(tmp_path, capsys):
 # --- names -------------------------------------------------------------------------------------------
 
 def test_unknown_student_architecture_lists_the_known_ones(setup, capsys):
-    fails(capsys, distill_args(setup, "student=resnet9000"),
+    fails(capsys, digits_distill_args(setup, "student=resnet9000"),
           "student='resnet9000' is not a known architecture; known: ", "lenet5_half_bn", "resnet18")
     assert not (setup / "runs").exists()
 
 
 def test_unknown_method_lists_the_known_ones(setup, capsys):
-    fails(capsys, distill_args(setup, "method.name=kd4"), "unknown method 'kd4'; valid methods: ", "blind_kd", "kd3")
+    fails(capsys, digits_distill_args(setup, "method.name=kd4"), "unknown method 'kd4'; valid methods: ", "blind_kd", "kd3")
 
 
 def test_unknown_pool_and_variant(setup, capsys):
-    fails(capsys, distill_args(setup, "pool.name=fashion-tame"),
+    fails(capsys, digits_distill_args(setup, "pool.name=fashion-tame"),
           "pool.name='fashion-tame' is not a pool; known: fashion-wild, digits-wild, file (with pool.path) or source")
-    fails(capsys, distill_args(setup, "pool.name=digits-wild", "pool.variant=hard"),
+    fails(capsys, digits_distill_args(setup, "pool.name=digits-wild", "pool.variant=hard"),
           "pool: digits-wild has no variant 'hard'; known: default")
     assert not (setup / "cache" / "pools").exists()
 
 
 def test_bad_device(setup, capsys):
-    fails(capsys, distill_args(setup, "train.device=banana"), "train.device='banana' is not a device")
+    fails(capsys, digits_distill_args(setup, "train.device=banana"), "train.device='banana' is not a device")
     if not torch.cuda.is_available():
-        fails(capsys, distill_args(setup, "train.device=cuda"), "CUDA is not available on this machine")
+        fails(capsys, digits_distill_args(setup, "train.device=cuda"), "CUDA is not available on this machine")
 
 
 def test_train_teacher_unknown_model(tmp_path, capsys):
@@ -128,20 +121,20 @@ def test_train_teacher_unknown_model(tmp_path, capsys):
 
 def test_eval_data_with_other_classes_than_the_teacher(setup, capsys):
     write_teacher(setup / "five.pt", num_classes=5)
-    fails(capsys, distill_args(setup, f"teacher.checkpoint={setup / 'five.pt'}"),
+    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={setup / 'five.pt'}"),
           "eval_data=uci-digits:test has 10 classes but the teacher ", "five.pt predicts 5")
 
 
 def test_eval_data_of_another_size_than_the_teacher(setup, capsys):
     write_teacher(setup / "rgb.pt", in_channels=3, image_size=32)
-    fails(capsys, distill_args(setup, f"teacher.checkpoint={setup / 'rgb.pt'}"),
+    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={setup / 'rgb.pt'}"),
           "eval_data=uci-digits:test images are 1×28×28 (C×H×W) but the teacher ", "rgb.pt takes 3×32×32")
 
 
 def test_pool_of_another_size_than_the_teacher(setup, capsys):
     images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
     Pool.unlabelled(images, origin="folder").save(setup / "rgb-pool.npz")
-    fails(capsys, distill_args(setup, f"pool.path={setup / 'rgb-pool.npz'}"),
+    fails(capsys, digits_distill_args(setup, f"pool.path={setup / 'rgb-pool.npz'}"),
           f"pool.path={setup / 'rgb-pool.npz'} images are 3×32×32 (C×H×W) but the teacher", "takes 1×28×28")
     assert not (setup / "runs").exists()
 
@@ -150,7 +143,7 @@ def test_builder_pool_that_cannot_fit_the_teacher_is_refused_before_it_is_built(
     write_cifar10(setup / "data", 10, np.random.default_rng(0))
     monkeypatch.setenv("KD3_DATA_ROOT", str(setup / "data"))
     write_teacher(setup / "rgb.pt", in_channels=3, image_size=32)
-    fails(capsys, distill_args(setup, f"teacher.checkpoint={setup / 'rgb.pt'}", "pool.name=fashion-wild",
+    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={setup / 'rgb.pt'}", "pool.name=fashion-wild",
                                "eval_data=cifar10:test"),
           "pool.name=fashion-wild images are 1×28×28 (C×H×W) but the teacher", "takes 3×32×32")
     assert not (setup / "cache" / "pools").exists()
@@ -158,12 +151,12 @@ def test_builder_pool_that_cannot_fit_the_teacher_is_refused_before_it_is_built(
 
 def test_empty_pool(setup, capsys):
     Pool.unlabelled(torch.zeros(0, 1, 28, 28, dtype=torch.uint8), origin="folder").save(setup / "empty.npz")
-    fails(capsys, distill_args(setup, f"pool.path={setup / 'empty.npz'}"),
+    fails(capsys, digits_distill_args(setup, f"pool.path={setup / 'empty.npz'}"),
           f"pool.path={setup / 'empty.npz'} holds no images: nothing to distil on")
 
 
 def test_missing_pool_file(setup, capsys):
-    fails(capsys, distill_args(setup, f"pool.path={setup / 'nope.npz'}"), f"pool.path={setup / 'nope.npz'} does not exist")
+    fails(capsys, digits_distill_args(setup, f"pool.path={setup / 'nope.npz'}"), f"pool.path={setup / 'nope.npz'} does not exist")
 
 
 def test_teacher_recipe_that_cannot_fit_is_refused_before_training(setup, capsys, monkeypatch):
@@ -172,7 +165,7 @@ def test_teacher_recipe_that_cannot_fit_is_refused_before_training(setup, capsys
     write_cifar10(setup / "data", 10, np.random.default_rng(0))
     monkeypatch.setenv("KD3_DATA_ROOT", str(setup / "data"))
     missing = setup / "to-train.pt"
-    fails(capsys, distill_args(setup, f"teacher.checkpoint={missing}", "teacher.recipe=configs/teachers/mnist5k-lenet5_bn.yaml",
+    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={missing}", "teacher.recipe=configs/teachers/mnist5k-lenet5_bn.yaml",
                                "eval_data=cifar10:test"),
           "eval_data=cifar10:test images are 3×32×32 (C×H×W) but the teacher configs/teachers/mnist5k-lenet5_bn.yaml trains")
     assert not missing.exists() and not (setup / "runs").exists()
@@ -181,14 +174,14 @@ def test_teacher_recipe_that_cannot_fit_is_refused_before_training(setup, capsys
 def test_teacher_recipe_with_unknown_model_is_refused_before_training(setup, capsys, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: lenet6\ndata: uci-digits:train\n")
-    fails(capsys, distill_args(setup, f"teacher.checkpoint={setup / 'to-train.pt'}", f"teacher.recipe={recipe}"),
+    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={setup / 'to-train.pt'}", f"teacher.recipe={recipe}"),
           f"{recipe}: model='lenet6' is not a known architecture")
     assert not (setup / "to-train.pt").exists()
 
 
 def test_missing_dataset_is_one_line_not_a_traceback(setup, capsys, monkeypatch):
     monkeypatch.setenv("KD3_DATA_ROOT", str(setup / "no-data-here"))
-    fails(capsys, distill_args(setup, "eval_data=cifar10:test"), "cifar10: cifar-10-batches-py/", "not found under")
+    fails(capsys, digits_distill_args(setup, "eval_data=cifar10:test"), "cifar10: cifar-10-batches-py/", "not found under")
 
 
 def test_kd3_eval_on_a_split_with_other_classes(setup, capsys):
@@ -209,12 +202,12 @@ def test_tensorboard_logger_without_the_package(setup, capsys, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an install without tensorboard sees
-    fails(capsys, distill_args(setup, "train.logger=tensorboard"),
+    fails(capsys, digits_distill_args(setup, "train.logger=tensorboard"),
           "train.logger=tensorboard needs the tensorboard package: pip install 'kd3[tensorboard]'")
     assert not (setup / "runs").exists()
 
 
 def test_a_good_config_still_runs(setup, capsys):
-    assert main(distill_args(setup, "train.batch_size=32")) == 0
+    assert main(digits_distill_args(setup)) == 0
     (run_dir,) = (setup / "runs").iterdir()
     assert (run_dir / "student.ts").is_file()

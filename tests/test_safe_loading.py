@@ -13,7 +13,7 @@ from kd3.data.augment import Normalizer
 from kd3.data.pool import Pool
 from kd3.data.sources import load_source
 from kd3.utils.safe_load import UnsafeFileError
-from standins import write_cifar10, write_cifar100, write_imagenet32, write_teacher
+from standins import digits_distill_args, write_cifar10, write_cifar100, write_digits_inputs, write_imagenet32, write_teacher
 
 
 class RunsCommand:
@@ -190,12 +190,9 @@ def test_planted_score_cache_is_refused_and_a_genuine_one_reused(tmp_path, marke
 @pytest.fixture
 def digits_run(tmp_path):
     """A distil config on UCI digits with an untrained teacher and a file pool: builds in seconds."""
-    teacher = write_teacher(tmp_path / "teacher.pt")
-    Pool.unlabelled(load_source("uci-digits:train").images[:64], origin="folder").save(tmp_path / "pool.npz")
-    cfg = load_config(DistillConfig, None, [f"teacher.checkpoint={teacher}", "pool.name=file",
-                                            f"pool.path={tmp_path / 'pool.npz'}", "eval_data=uci-digits:test",
-                                            "train.epochs=1", "train.batch_size=32", "progress=false",
-                                            f"output_dir={tmp_path / 'runs'}"])
+    write_digits_inputs(tmp_path)
+    config, *overrides = digits_distill_args(tmp_path)[1:]
+    cfg = load_config(DistillConfig, config, overrides)
     run_dir = tmp_path / "runs" / "planted"
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")

@@ -95,8 +95,6 @@ def _pool_title(args: argparse.Namespace) -> str:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from kd3.diagnose import diagnose
     from kd3.diagnose.analysis import KEEP_FRACTIONS, group_summary
     from kd3.diagnose.report import auroc_columns, auroc_rows, cell
@@ -108,17 +106,14 @@ def _diagnose(args: argparse.Namespace) -> None:
     files = diagnose(pool, expand(args.teacher), out, cache_dir(), _pool_title(args), extra_scores=args.score,
                      device=args.device)
     d = files.diagnosis
-    console = Console()
-    if not console.is_terminal:  # a file or a pipe has no width to fit; rich would fold at 80 columns
-        console = Console(width=160)
     print_table("teacher on the pool, per source",
                 ["source", "images", "relevant", "confidence", "entropy", "most predicted as", "share"],
-                group_summary(d, "source"), console)
+                group_summary(d, "source"))
     if d.aurocs:
         kept = KEEP_FRACTIONS[0]
         columns = [c for c in auroc_columns(d) if not c.startswith("style:")]
         rows = [[row[0], *[cell(v) for v in row[1:len(columns) + 1]], cell(d.kept[name][kept].precision),
                  cell(d.kept[name][kept].percentile_precision)] for name, row in zip(d.aurocs, auroc_rows(d))]
         print_table("AUROC relevant vs irrelevant (higher = more relevant; per-style columns in the summary)",
-                    ["score", *columns, f"P@{kept:.0%}", f"Pc@{kept:.0%}"], rows, console)
+                    ["score", *columns, f"P@{kept:.0%}", f"Pc@{kept:.0%}"], rows)
     print(f"wrote {files.markdown}, {files.html} and {len(files.images)} PNGs in {out}")

@@ -91,7 +91,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
-        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.log = MetricsLog(run_dir / "metrics.jsonl", logger=cfg.logger)
         self.start_epoch = 0
         self.elapsed = 0.0
         self.images_seen = 0
