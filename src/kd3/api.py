@@ -140,7 +140,7 @@ class Checked:
     method_cls: type[Method]
     options: Any
     teacher: preflight.InputSpec
-    eval_data: LabelledData
+    eval_data: LabelledData | None
     pool: Pool | None  # a file or source pool (cheap to load); None for a builder or original-data method
 
 
@@ -150,8 +150,11 @@ def check_distillation(cfg: DistillConfig) -> Checked:
     preflight.require_model(cfg.student, "student")
     preflight.check_train(cfg.train)
     spec = preflight.teacher_spec(cfg)
-    eval_data = load_source(cfg.eval_data)
-    preflight.require_match(spec, tuple(eval_data.images.shape[1:]), len(eval_data.classes), f"eval_data={cfg.eval_data}")
+    # eval_data="" trains without a test set (a user with a teacher and a pool only): accuracy is unknown.
+    eval_data = load_source(cfg.eval_data) if cfg.eval_data else None
+    if eval_data is not None:
+        preflight.require_match(spec, tuple(eval_data.images.shape[1:]), len(eval_data.classes),
+                                f"eval_data={cfg.eval_data}")
     pool = None
     if not method_cls.uses_original_data:
         if cfg.pool.name in ("file", "source"):
@@ -163,7 +166,7 @@ def check_distillation(cfg: DistillConfig) -> Checked:
 
 
 def build_distillation(cfg: DistillConfig, checked: Checked | None = None,
-                       ) -> tuple[Method, LabelledData, Provenance | None, TeacherInfo]:
+                       ) -> tuple[Method, LabelledData | None, Provenance | None, TeacherInfo]:
     checked = checked or check_distillation(cfg)
     with distributed.main_first():  # rank 0 trains or checks a missing teacher; the others then load it
         teacher, info = prepare_teacher(cfg)

@@ -29,7 +29,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        description="Runs every (row, seed) of configs/bench/NAME.yaml as a `kd3 distill` process, "
                                    "caches each finished one under results/NAME/ (so rerunning the command resumes), "
                                    "and writes results/NAME.md, .json and charts.")
-    p.add_argument("name", help="a bench (fashion-wild, digits-wild) or a bench spec .yaml")
+    p.add_argument("name", help="a bench (fashion-wild, digits-wild), a bench spec .yaml, or 'scale' "
+                                "(10k / 100k / 1M-image pools: time, memory, 1 vs 2 processes)")
     p.add_argument("--methods", type=_names, help="comma-separated rows to run, e.g. blind_kd,kd3 (default: all)")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1 (default: the spec's); the tables then cover these seeds")
     p.add_argument("--jobs", type=_jobs, default=1,
@@ -37,6 +38,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="run the irrelevant-fraction sweep instead of the main table")
     p.add_argument("--hard", action="store_true", help="run the hard-style pool variant instead of the main table")
     p.add_argument("--tables-only", action="store_true", help="run nothing; rewrite the tables from cached runs")
+    p.add_argument("--sizes", type=_seeds, help="scale: comma-separated pool sizes (default: 10000,100000,1000000)")
+    p.add_argument("--work-dir", default=None, help="scale: where the synthetic pools go (default: the temp dir; "
+                                                    "the 1M pool needs 3.1 GB), removed afterwards")
+    p.add_argument("--out", default="results", help="scale: folder for scale.md, .json and .png")
     p.set_defaults(func=run)
 
 
@@ -57,6 +62,12 @@ def run(args: argparse.Namespace) -> None:
     from kd3.bench import runner, tables
     from kd3.bench.spec import groups, load_spec, plan_runs
     from kd3.engine.logging import print_table
+
+    if args.name == "scale":
+        from kd3.bench import scale
+
+        scale.run(args)
+        return
 
     spec = load_spec(args.name)
     failed: list[str] = []

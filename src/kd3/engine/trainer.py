@@ -189,9 +189,11 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         method = self.method
-        plan = method.begin_epoch(epoch)
+        planning = time.perf_counter()
+        plan = method.begin_epoch(epoch)  # KD³'s selection pass, DFND's ranking, DAFL's nothing
         _check_same_plan(plan.indices)
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                                  "plan_time": time.perf_counter() - planning}
         if plan.indices is not None and len(plan.indices) < method.ctx.pool_size and distributed.is_main():
             self._save_selection(epoch, plan.indices)
         if plan.indices is not None and self.provenance is not None:

@@ -1,0 +1,296 @@
+"""``kd3 bench scale``: pools of 10k / 100k / 1M 32×32×3 images, built, scored and trained from.
+
+Each size gets a synthetic pool directory made here (smooth random RGB images, written in chunks
+through ``ImageWriter``; never committed), then, each in its own process so that its peak RSS is
+its own (``os.wait4``): the relevance-score pass (``kd3.scores``, one teacher pass), one epoch of
+blind KD and one of KD³ (``kd3 distill``, one thread, teacher run every step, no test set). The
+ingest rate of an img2dataset-style shard set is measured with 1 and 2 workers, and blind KD on
+the 100k pool with 1 process against 2 (torchrun, gloo). Writes ``results/scale.md``, ``.json``
+and ``scale.png`` (epoch time against pool size, with the linear line through the largest pool).
+
+The teacher is an untrained lenet5_bn: the measurements are of time and memory, which do not
+depend on what the weights are; no accuracy is reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SIZES = (10_000, 100_000, 1_000_000)
+METHODS = ("blind_kd", "kd3")
+CONFIGS = {"blind_kd": "configs/fashion-wild/blind_kd.yaml", "kd3": "configs/fashion-wild/kd3.yaml"}
+CHUNK = 20_000  # images generated and written at a time while building a pool
+INGEST_IMAGES = 20_000
+INGEST_PER_SHARD = 1_000
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_mb: float
+    output: str
+    code: int
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run ``command``; its wall time and the peak resident memory of it and its children."""
+    started = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as child:
+        output = child.stdout.read() if child.stdout else ""
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss is in KiB on Linux; for a launcher it covers the largest of the processes it waited for.
+    return Measured(time.perf_counter() - started, usage.ru_maxrss / 1024, output, child.returncode)
+
+
+def build_pool(directory: Path, count: int, seed: int = 0) -> float:
+    """A synthetic unlabelled pool of ``count`` 3×32×32 images in ``directory``; returns seconds."""
+    from kd3.data.pool import Pool, write_pool_arrays
+    from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter
+
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    writer = ImageWriter(directory / IMAGES_FILE, (3, 32, 32))
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        coarse = torch.rand(n, 3, 4, 4, generator=generator)
+        smooth = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+        noise = torch.rand(n, 3, 32, 32, generator=generator) * 0.1
+        writer.write(((smooth * 0.9 + noise) * 255).clamp(0, 255).to(torch.uint8))
+    images = DiskImages(writer.close())
+    pool = Pool.unlabelled(images, origin="synthetic", meta={"size": 32, "channels": 3, "count": count})
+    write_pool_arrays(directory, pool._provenance_arrays(), pool.meta)
+    return time.perf_counter() - started
+
+
+def make_teacher(path: Path) -> Path:
+    from kd3.models import create_model
+    from kd3.teacher import TeacherInfo, save_teacher
+
+    torch.manual_seed(0)
+    net = create_model("lenet5_bn", num_classes=10, in_channels=3, image_size=32)
+    info = TeacherInfo(arch="lenet5_bn", num_classes=10, in_channels=3, image_size=32,
+                       classes=[f"class{i}" for i in range(10)], mean=[0.5] * 3, std=[0.25] * 3,
+                       data="none (untrained: the scale bench measures time and memory)",
+                       test_accuracy=float("nan"), val_accuracy=float("nan"))
+    save_teacher(path, net.eval(), info)
+    return path
+
+
+def score_pass(pool_dir: str, teacher: str) -> None:
+    """The relevance-score pass over a pool (what ``kd3 data diagnose`` and selection_score run)."""
+    from kd3.data.augment import Normalizer
+    from kd3.data.pool import Pool
+    from kd3.scores import compute_score, teacher_outputs
+    from kd3.teacher import load_teacher
+
+    torch.set_num_threads(1)
+    pool = Pool.load(pool_dir)
+    net, info = load_teacher(Path(teacher))
+    started = time.perf_counter()
+    outputs = teacher_outputs(net, pool.images, Normalizer(tuple(info.mean), tuple(info.std)), batch_size=1024)
+    score = compute_score("default", outputs)
+    print(json.dumps({"score_seconds": time.perf_counter() - started, "scored": len(score)}))
+
+
+def distill_overrides(pool_dir: Path, teacher: Path, out: Path) -> list[str]:
+    return ["pool.name=file", f"pool.path={pool_dir}", f"teacher.checkpoint={teacher}", "teacher.recipe=",
+            "eval_data=", "train.epochs=1", "train.epoch_steps=0", "train.threads=1", "method.teacher_views=0",
+            "progress=false", f"output_dir={out}"]
+
+
+def distill_row(method: str, pool_dir: Path, teacher: Path, out: Path, nproc: int = 1,
+                extra: list[str] = ()) -> dict[str, Any]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                "kd3"] if nproc > 1 else [sys.executable, "-m", "kd3"]
+    measured = measure([*launcher, "distill", CONFIGS[method], *distill_overrides(pool_dir, teacher, out), *extra])
+    if measured.code:
+        raise RuntimeError(f"{method} on {pool_dir} failed:\n{measured.output[-3000:]}")
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"method": method, "nproc": nproc, "wall_s": measured.seconds, "peak_rss_mb": measured.peak_rss_mb,
+            "epoch_s": record["epoch_time"], "plan_s": record["plan_time"], "train_images": record["train_images"],
+            "images_per_s": record["images_per_s"], "selected": record.get("selected")}
+
+
+def ingest_rates(root: Path) -> dict[str, Any]:
+    """Ingest of an img2dataset-style shard set with 1 and 2 workers, and the same images from a folder."""
+    from kd3.data.ingest import ingest
+    from kd3.data.synthetic import write_crawl
+
+    pattern, folder = write_crawl(root / "crawl", INGEST_IMAGES, INGEST_PER_SHARD, size=64)
+    rows: dict[str, Any] = {"images": INGEST_IMAGES, "shards": INGEST_IMAGES // INGEST_PER_SHARD}
+    for workers in (1, 2):
+        pool, report = ingest(pattern, 32, 3, out=root / f"shards-{workers}", workers=workers)
+        rows[f"shards_{workers}_workers_images_per_s"] = report.images_per_second
+        rows[f"shards_{workers}_digest"] = pool.digest()
+    pool, report = ingest(folder, 32, 3, out=root / "folder", workers=2)
+    rows["folder_2_workers_images_per_s"] = report.images_per_second
+    rows["folder_digest"] = pool.digest()
+    rows["identical"] = len({rows["shards_1_digest"], rows["shards_2_digest"], rows["folder_digest"]}) == 1
+    rows["speedup"] = rows["shards_2_workers_images_per_s"] / rows["shards_1_workers_images_per_s"]
+    return rows
+
+
+@dataclass
+class ScaleResults:
+    pools: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    ingest: dict[str, Any] = field(default_factory=dict)
+    stamp: dict[str, Any] = field(default_factory=dict)
+
+
+def run_scale(work: Path, sizes: tuple[int, ...] = SIZES, say=print) -> ScaleResults:
+    results = ScaleResults()
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = make_teacher(work / "teacher.pt")
+    say("ingest: 1 vs 2 workers")
+    results.ingest = ingest_rates(work / "ingest")
+    for size in sizes:
+        pool_dir = work / f"pool-{size}"
+        say(f"{size}: build the pool")
+        built = measure([sys.executable, "-c", f"from kd3.bench.scale import build_pool; "
+                         f"from pathlib import Path; print(build_pool(Path({str(pool_dir)!r}), {size}))"])
+        if built.code:
+            raise RuntimeError(f"building {pool_dir} failed:\n{built.output[-3000:]}")
+        results.pools.append({"size": size, "build_s": float(built.output.strip().splitlines()[-1]),
+                              "peak_rss_mb": built.peak_rss_mb, "bytes": (pool_dir / "images.npy").stat().st_size})
+        say(f"{size}: score pass")
+        scored = measure([sys.executable, "-c", f"from kd3.bench.scale import score_pass; "
+                          f"score_pass({str(pool_dir)!r}, {str(teacher)!r})"])
+        if scored.code:
+            raise RuntimeError(f"score pass on {pool_dir} failed:\n{scored.output[-3000:]}")
+        results.scores.append({"size": size, "peak_rss_mb": scored.peak_rss_mb, "wall_s": scored.seconds,
+                               **json.loads(scored.output.strip().splitlines()[-1])})
+        for method in METHODS:
+            say(f"{size}: {method}, one epoch")
+            results.runs.append({"size": size, **distill_row(method, pool_dir, teacher, work / f"runs-{size}-{method}")})
+    middle = sizes[len(sizes) // 2]
+    for nproc in (1, 2):
+        say(f"{middle}: blind_kd on {nproc} process(es)")
+        results.processes.append({"size": middle, **distill_row("blind_kd", work / f"pool-{middle}", teacher,
+                                                                work / f"procs-{nproc}", nproc=nproc)})
+    return results
+
+
+def _linearity(runs: list[dict[str, Any]], method: str, key: str, per: str) -> dict[int, float]:
+    """Seconds per image (``key`` / ``per``) at each size, relative to the largest size's."""
+    rows = sorted((r for r in runs if r["method"] == method), key=lambda r: r["size"])
+    base = rows[-1][key] / rows[-1][per]
+    return {r["size"]: (r[key] / r[per]) / base for r in rows}
+
+
+def write_report(results: ScaleResults, out_dir: Path, command: str) -> list[Path]:
+    """results/scale.md, .json and .png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = results.runs
+    stamp = results.stamp
+    lines = ["# scale: pools of 10k to 1M images on this machine", "",
+             f"- **command**: `{command}`", f"- **commit**: {stamp.get('commit')}",
+             f"- **machine**: {stamp.get('machine')}",
+             f"- **total wall time**: {stamp.get('wall_s', 0) / 60:.1f} min", "",
+             "Synthetic 3×32×32 pools written by the benchmark (pool directories: `images.npy` read by index, never "
+             "loaded whole); teacher lenet5_bn (untrained: time and memory only, no accuracy), student "
+             "lenet5_half_bn, `configs/fashion-wild/{blind_kd,kd3}.yaml` for one epoch over the whole pool "
+             "(`train.epoch_steps=0`), batch 256, one thread, teacher run every step (`method.teacher_views=0`), "
+             "no test set. Peak RSS is each process's own (`os.wait4`).", "",
+             "## Pool build, relevance-score pass", "",
+             "| pool images | pool on disk (MB) | build s | build peak RSS (MB) | score pass s | score images/s | score peak RSS (MB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for pool, score in zip(results.pools, results.scores):
+        lines.append(f"| {pool['size']:,} | {pool['bytes'] / 1e6:,.0f} | {pool['build_s']:.1f} | {pool['peak_rss_mb']:,.0f} | "
+                     f"{score['score_seconds']:.1f} | {score['size'] / score['score_seconds']:,.0f} | {score['peak_rss_mb']:,.0f} |")
+    lines += ["", "## One epoch", "",
+              "| pool images | method | selection pass s | trained images | epoch s | train images/s | "
+              "s per image vs largest | wall s (process) | peak RSS (MB) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in METHODS:
+        relative = _linearity(runs, method, "epoch_s", "train_images")
+        for r in sorted((r for r in runs if r["method"] == method), key=lambda r: r["size"]):
+            lines.append(f"| {r['size']:,} | {method} | {r['plan_s']:.1f} | {r['train_images']:,} | {r['epoch_s']:.1f} | "
+                         f"{r['images_per_s']:,.0f} | {relative[r['size']]:.2f} | {r['wall_s']:.0f} | {r['peak_rss_mb']:,.0f} |")
+    lines += ["", "\"s per image vs largest\" is the epoch's seconds per trained image divided by the same on "
+              "the largest pool: 1.00 is exactly linear growth of epoch time with pool size.", "",
+              "## 1 process against 2 (torchrun, gloo, one thread each)", "",
+              "| pool images | processes | epoch s | train images/s | speed-up | wall s | peak RSS per process (MB) |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    single = next((p for p in results.processes if p["nproc"] == 1), None)
+    for p in results.processes:
+        speedup = p["images_per_s"] / single["images_per_s"] if single else float("nan")
+        lines.append(f"| {p['size']:,} | {p['nproc']} | {p['epoch_s']:.1f} | {p['images_per_s']:,.0f} | {speedup:.2f}× | "
+                     f"{p['wall_s']:.0f} | {p['peak_rss_mb']:,.0f} |")
+    ing = results.ingest
+    if ing:
+        lines += ["", "## Ingest of img2dataset-style shards", "",
+                  f"{ing['images']:,} images (64×64 JPEG/PNG/WebP with json/txt side members) in {ing['shards']} shards, "
+                  "decoded to 3×32×32:", "",
+                  "| source | workers | images/s |", "|---|---:|---:|",
+                  f"| shards | 1 | {ing['shards_1_workers_images_per_s']:,.0f} |",
+                  f"| shards | 2 | {ing['shards_2_workers_images_per_s']:,.0f} |",
+                  f"| folder (same images) | 2 | {ing['folder_2_workers_images_per_s']:,.0f} |", "",
+                  f"Speed-up with 2 workers: **{ing['speedup']:.2f}×**. Pools from shards (1 and 2 workers) and from "
+                  f"the folder byte-identical (same digest): **{'yes' if ing['identical'] else 'NO'}**."]
+    markdown = out_dir / "scale.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    record = out_dir / "scale.json"
+    record.write_text(json.dumps({"stamp": stamp, "pools": results.pools, "scores": results.scores,
+                                  "runs": results.runs, "processes": results.processes, "ingest": results.ingest},
+                                 indent=1, sort_keys=True))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, colour in zip(METHODS, ("tab:blue", "tab:orange")):
+        rows = sorted((r for r in runs if r["method"] == method), key=lambda r: r["size"])
+        sizes = np.array([r["size"] for r in rows], dtype=float)
+        seconds = np.array([r["epoch_s"] + r["plan_s"] for r in rows])
+        left.loglog(sizes, seconds, "o-", color=colour, label=f"{method} (selection + epoch)")
+        left.loglog(sizes, seconds[-1] * sizes / sizes[-1], ":", color=colour, label=f"{method}, linear through the largest")
+        right.plot(sizes, [r["peak_rss_mb"] / 1024 for r in rows], "o-", color=colour, label=method)
+    left.set(xlabel="pool images", ylabel="seconds", title="one epoch against pool size")
+    left.legend(fontsize=8)
+    right.axhline(4, color="grey", linestyle="--", label="4 GB")
+    right.set(xscale="log", xlabel="pool images", ylabel="peak RSS (GB)", title="peak resident memory", ylim=(0, None))
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    plot = out_dir / "scale.png"
+    figure.savefig(plot, dpi=110)
+    plt.close(figure)
+    return [markdown, record, plot]
+
+
+def run(args) -> None:
+    """``kd3 bench scale``."""
+    import shutil
+    import tempfile
+
+    from kd3.bench.runner import run_stamp
+
+    sizes = tuple(args.sizes) if args.sizes else SIZES
+    command = "kd3 bench scale" + (f" --sizes {','.join(map(str, sizes))}" if args.sizes else "")
+    work = Path(tempfile.mkdtemp(prefix="kd3-scale-", dir=args.work_dir))
+    started = time.perf_counter()
+    try:
+        results = run_scale(work, sizes, say=lambda text: print(text, flush=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gigabytes of synthetic pools: never left behind
+    stamp = run_stamp(command)
+    machine = stamp["machine"]
+    results.stamp = {"commit": stamp["commit"], "machine": f"{machine['cores']} cores, {machine['cpu']}, "
+                     f"torch {machine['torch']}, GPU: {machine['gpu'] or 'none'}", "wall_s": time.perf_counter() - started}
+    for path in write_report(results, Path(args.out), command):
+        print(f"wrote {path}")
