@@ -38,6 +38,8 @@ class CropFlip:
         return out.permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.padding == 0 and not self.flip:
+            return images  # the identity: no gather, and no random numbers drawn for nothing
         return self.apply(images, self.sample_params(images.shape[0], generator))
 
 

@@ -6,7 +6,7 @@ CPU, nccl on GPU). What the engine does with it:
 - whole-pool passes (scores, selection, teacher caches, evaluation) go through ``map_rows``: each
   rank computes a contiguous shard and the shards are all-gathered, so every rank holds the same
   per-image results and therefore the same selection;
-- each global batch (``train.batch_size`` images, drawn from a generator every rank shares) is
+- each global batch (``train.batch_size`` images, in an order rank 0 draws and broadcasts) is
   split into equal per-rank parts, and gradients are averaged over ranks after every backward
   (``average_gradients``): the update is the one the whole batch would give, up to float
   rounding and BatchNorm, whose batch statistics are per rank. This is done by hand rather than
@@ -95,6 +95,15 @@ def broadcast_object(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (same shape and dtype everywhere)."""
+    if not active():
+        return tensor
+    data = tensor.to(_comm_device(tensor))
+    dist.broadcast(data, src=0)
+    return data.to(tensor.device)
 
 
 def gather_objects(value: Any) -> list[Any]:

@@ -95,9 +95,6 @@ class Trainer:
         self.start_epoch = 0
         self.elapsed = 0.0
         self.images_seen = 0
-        # The order of the global batches: one generator every rank shares (same seed), so under
-        # torchrun all ranks cut the same batches and each trains on its own part of every one.
-        self.shuffle = torch.Generator().manual_seed(method.ctx.seed)
         # Every rank starts from rank 0's weights; augmentation and the like then draw from per-rank
         # seeds (rank 0 keeps the run's seed, so one process is unchanged by any of this).
         distributed.broadcast_module(method)
@@ -119,7 +116,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": ranks_rng[0],
             "ranks_rng": ranks_rng,
-            "shuffle": self.shuffle.get_state(),
             "elapsed": self.elapsed,
             "images_seen": self.images_seen,
         }, self.run_dir / "last.pt")
@@ -137,8 +133,6 @@ class Trainer:
             checkpoint.set_rng_state(ranks_rng[distributed.rank()])
         else:
             torch.manual_seed(self.method.ctx.seed + 1_000_003 * distributed.rank() + state["epoch"])
-        if "shuffle" in state:
-            self.shuffle.set_state(state["shuffle"])
         self.start_epoch = state["epoch"]
         self.elapsed = state["elapsed"]
         self.images_seen = state["images_seen"]
@@ -164,7 +158,10 @@ class Trainer:
         world, rank = distributed.world_size(), distributed.rank()
         passes = itertools.count() if self.cfg.epoch_steps else range(1)
         for _ in passes:
-            order = indices[torch.randperm(len(indices), generator=self.shuffle)]
+            # Rank 0 draws the order from its RNG (the run's seed, as one process does) and every rank
+            # cuts the same global batches from it: one process is unchanged by distributed training.
+            order = indices[distributed.broadcast_tensor(
+                torch.randperm(len(indices)) if distributed.is_main() else torch.empty(len(indices), dtype=torch.long))]
             for start in range(0, len(order), size):
                 if self.cfg.epoch_steps and produced == self.cfg.epoch_steps:
                     return
