@@ -107,10 +107,12 @@ class DiskImages:
         return self._fd
 
     def _read_range(self, start: int, stop: int) -> torch.Tensor:
-        count = stop - start
-        data = os.pread(self._file(), count * self.row_bytes, self.offset + start * self.row_bytes)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(count, *self.row_shape) if count \
-            else torch.empty(0, *self.row_shape, dtype=torch.uint8)
+        out = torch.empty((stop - start, *self.row_shape), dtype=torch.uint8)
+        if len(out):  # straight into the tensor: no intermediate bytes objects to fragment the heap
+            wanted = out.numel()
+            if os.preadv(self._file(), [out.numpy().reshape(-1)], self.offset + start * self.row_bytes) != wanted:
+                raise OSError(f"{self.path}: short read at row {start}; was the file truncated while in use?")
+        return out
 
     def _read_rows(self, rows: np.ndarray) -> torch.Tensor:
         out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)

@@ -146,15 +146,23 @@ def map_rows(n: int, batch_size: int, compute: Callable[[int, int], Sequence[tor
     """
     start, stop = shard_bounds(n)
     starts = range(start, stop, batch_size)
-    parts: list[list[torch.Tensor]] = []
+    # The outputs are allocated once, at their full size, when the first batch shows their shapes:
+    # collecting per-batch pieces and concatenating them would hold the result twice and leave
+    # thousands of small long-lived allocations scattered through the heap (seen as 2 GB of RSS
+    # on a 1M-image pool).
+    local: list[torch.Tensor] | None = None
     for begin in (batches(starts) if batches else starts):
-        parts.append(list(compute(begin, min(begin + batch_size, stop))))
-    if not parts:
+        end = min(begin + batch_size, stop)
+        outputs = compute(begin, end)
+        if local is None:
+            local = [torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in outputs]
+        for full, part in zip(local, outputs):
+            full[begin - start:end - start] = part
+    if local is None:
         if not active():
             raise ValueError("no rows to process")
         # An empty shard still has to take part in the gather: learn the shapes from a one-row probe.
-        parts = [[t[:0] for t in compute(0, min(1, n))]]
-    local = [torch.cat(column) for column in zip(*parts)]
+        local = [t[:0] for t in compute(0, min(1, n))]
     if not active():
         return local
     return [_gather_rows(t, n) for t in local]
