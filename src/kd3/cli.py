@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -138,20 +139,43 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, FileNotFoundError, ValueError, DataUnavailable
 
 
+def _faults() -> type[BaseException]:
+    """A diverged run (exit 3) or a failed write (exit 4): see kd3.engine.faults. Imported lazily."""
+    from kd3.engine.faults import Fault
+
+    return Fault
+
+
+def _interrupted(command: str, stop: KeyboardInterrupt) -> int:
+    """One line on SIGINT / SIGTERM: where the run stands and, for distill, the exact resume command."""
+    from kd3.engine.signals import Interrupted
+
+    interrupted = stop if isinstance(stop, Interrupted) else Interrupted()
+    line = f"kd3 {command}: {interrupted.describe()}"
+    if command == "distill" and interrupted.resumable:
+        line += f"; continue with: kd3 distill --resume {shlex.quote(str(interrupted.run_dir))}"
+    print(line, file=sys.stderr)
+    return interrupted.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kd3.engine.signals import raising_on_signals
+
     args = build_parser().parse_args(argv)
     if args.command == "distill" and not args.config and not args.resume:
         print("kd3 distill: give a CONFIG or --resume RUN_DIR", file=sys.stderr)
         return 2
     try:
-        args.func(args)
+        with raising_on_signals():  # SIGTERM too stops with the message below, not silently
+            args.func(args)
     except _user_errors() as error:
         print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nInterrupted. The last finished epoch is in the run directory's last.pt; "
-              "continue with `kd3 distill --resume RUN_DIR`.", file=sys.stderr)
-        return 130
+    except _faults() as error:
+        print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code  # type: ignore[attr-defined]
+    except KeyboardInterrupt as stop:
+        return _interrupted(args.command, stop)
     return 0
 
 

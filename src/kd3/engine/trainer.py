@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,12 +20,14 @@ import torch
 
 from kd3.config import TrainConfig
 from kd3.data.sources import LabelledData
-from kd3.engine import checkpoint, distributed
+from kd3.engine import checkpoint, distributed, faults, signals
 from kd3.engine.evaluate import EvalResult, evaluate
 from kd3.engine.logging import MetricsLog
 from kd3.engine.selection_metrics import selection_metrics
 from kd3.methods.base import Batch, Method
 from kd3.utils.progress import progress
+
+LAST, PREVIOUS = "last.pt", "prev.pt"  # the newest checkpoint, and the one before it (a fallback)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
         self.log = MetricsLog(run_dir / "metrics.jsonl", logger=cfg.logger)
         self.start_epoch = 0
+        self.saved_epoch = 0  # the epoch last.pt holds (0: none yet), for what a fault message says is kept
         self.elapsed = 0.0
         self.images_seen = 0
         # Every rank starts from rank 0's weights; augmentation and the like then draw from per-rank
@@ -108,21 +112,43 @@ class Trainer:
         if not distributed.is_main():
             distributed.barrier()
             return
-        checkpoint.atomic_save({
-            "epoch": epoch,
-            "method": self.method.state_dict(),
-            "method_state": self.method.method_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": ranks_rng[0],
-            "ranks_rng": ranks_rng,
-            "elapsed": self.elapsed,
-            "images_seen": self.images_seen,
-        }, self.run_dir / "last.pt")
+        last = self.run_dir / LAST
+        # Deferred: a SIGINT/SIGTERM mid-write stops the run after the write, so last.pt is what it says.
+        with signals.deferred(), faults.writing(last, self._kept()):
+            checkpoint.atomic_save({
+                "epoch": epoch,
+                "method": self.method.state_dict(),
+                "method_state": self.method.method_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ranks_rng[0],
+                "ranks_rng": ranks_rng,
+                "elapsed": self.elapsed,
+                "images_seen": self.images_seen,
+            }, last, keep_previous=self.run_dir / PREVIOUS,
+                before_replace=lambda: signals.pause_point("checkpoint-write", epoch))
+        self.saved_epoch = epoch
         distributed.barrier()
 
+    def _kept(self) -> str:
+        """What a failed write leaves the user, for its message."""
+        if not self.saved_epoch:
+            return "no checkpoint had been written yet"
+        return f"the previous checkpoint (epoch {self.saved_epoch}) is kept in {self.run_dir / LAST}"
+
     def resume(self) -> None:
-        state = checkpoint.load(self.run_dir / "last.pt")
+        """Continue from ``last.pt``, or from ``prev.pt`` with a note when ``last.pt`` is damaged."""
+        last = self.run_dir / LAST
+        state, note = checkpoint.load_for_resume(last, self.run_dir / PREVIOUS)
+        if distributed.is_main():
+            # Left by a checkpoint write that SIGKILL or a power cut stopped (atomic_save's temp names).
+            for stale in [*self.run_dir.glob(f".{LAST}.*.tmp"), *self.run_dir.glob(f".{PREVIOUS}.*.link")]:
+                stale.unlink(missing_ok=True)
+        if note and distributed.is_main():
+            print(f"kd3: {note}", file=sys.stderr)
+            # Moved aside, or the next save would keep the damaged file as prev.pt over the good one.
+            if last.exists():
+                last.replace(last.with_name(LAST + ".damaged"))
         self.method.load_state_dict(state["method"])
         self.method.load_method_state(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -133,7 +159,7 @@ class Trainer:
             checkpoint.set_rng_state(ranks_rng[distributed.rank()])
         else:
             torch.manual_seed(self.method.ctx.seed + 1_000_003 * distributed.rank() + state["epoch"])
-        self.start_epoch = state["epoch"]
+        self.start_epoch = self.saved_epoch = state["epoch"]
         self.elapsed = state["elapsed"]
         self.images_seen = state["images_seen"]
         if distributed.is_main():
@@ -181,13 +207,16 @@ class Trainer:
     def _save_selection(self, epoch: int, indices: torch.Tensor) -> None:
         """Which pool images the epoch trained on, for reports (selected vs rejected grids)."""
         folder = self.run_dir / "selections"
-        folder.mkdir(exist_ok=True)
-        np.save(folder / f"epoch-{epoch + 1:04d}.npy", np.sort(indices.cpu().numpy()).astype(np.int32))
+        path = folder / f"epoch-{epoch + 1:04d}.npy"
+        with faults.writing(path, self._kept()):
+            folder.mkdir(exist_ok=True)
+            np.save(path, np.sort(indices.cpu().numpy()).astype(np.int32))
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         method = self.method
         planning = time.perf_counter()
         plan = method.begin_epoch(epoch)  # KD³'s selection pass, DFND's ranking, DAFL's nothing
+        signals.pause_point("selection", epoch + 1)
         _check_same_plan(plan.indices)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                                   "plan_time": time.perf_counter() - planning}
@@ -212,9 +241,12 @@ class Trainer:
             # Under torchrun the loss is averaged with the gradients, so every rank sees a
             # non-finite loss on any rank and all of them stop at the same step.
             if not torch.isfinite(distributed.average_gradients(self.params, extra=loss)):
-                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} ({losses}); "
-                                         "lower train.lr or check the teacher checkpoint")
+                raise self._diverged(epoch, steps + 1, faults.non_finite_term(losses))
             self.optimizer.step()
+            if not faults.all_finite(self.params):  # finite gradients can still overflow a weight
+                raise self._diverged(epoch, steps + 1, "the weights are not finite after the optimizer step")
+            if steps == 0:
+                signals.pause_point("mid-epoch", epoch + 1)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
             steps += 1
@@ -235,25 +267,22 @@ class Trainer:
         self.images_seen += seen
         return record
 
+    def _diverged(self, epoch: int, step: int | None, what: str) -> faults.Diverged:
+        return faults.Diverged(epoch + 1, step, what, self.run_dir / LAST, self.saved_epoch, self.cfg.lr)
+
     def fit(self, stop_after: int | None = None) -> RunResult:
         """Train to ``cfg.epochs``; ``stop_after`` ends the call after that many epochs in total,
-        as a crash would (the run continues with ``resume``)."""
+        as a crash would (the run continues with ``resume``). A Ctrl-C or SIGTERM comes out as
+        ``signals.Interrupted`` naming the run and the epoch its last.pt holds."""
         last_eval: EvalResult | None = None
         history = self.log.read()
         end = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
-        for epoch in range(self.start_epoch, end):
-            started = time.perf_counter()
-            record = self.train_epoch(epoch)
-            if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
-                last_eval = self.evaluate()
-                if last_eval is not None:
-                    record.update(test_acc=last_eval.accuracy, test_loss=last_eval.loss)
-            self.elapsed += time.perf_counter() - started
-            record["elapsed"] = self.elapsed
-            if distributed.is_main():
-                self.log.write(record)
-            history.append(record)
-            self.save(epoch + 1)
+        epoch = self.start_epoch
+        try:
+            for epoch in range(self.start_epoch, end):
+                last_eval = self._fit_epoch(epoch, history) or last_eval
+        except KeyboardInterrupt as stop:
+            raise signals.as_interrupted(stop, self.run_dir, epoch + 1, self.saved_epoch) from None
         if last_eval is None:
             last_eval = self.evaluate()
         accuracy = last_eval.accuracy if last_eval else float("nan")
@@ -262,3 +291,23 @@ class Trainer:
             wall_time=self.elapsed, images_seen=self.images_seen,
             images_per_second=self.images_seen / max(sum(r["epoch_time"] for r in history), 1e-9),
             epochs=end, history=history)
+
+    def _fit_epoch(self, epoch: int, history: list[dict[str, Any]]) -> EvalResult | None:
+        """Train, evaluate, log and checkpoint one epoch; a state that is not finite is never saved."""
+        started = time.perf_counter()
+        record = self.train_epoch(epoch)
+        last_eval = None
+        if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+            last_eval = self.evaluate()
+            if last_eval is not None:
+                record.update(test_acc=last_eval.accuracy, test_loss=last_eval.loss)
+        if not faults.all_finite(self.method.state_dict().values()):  # e.g. BatchNorm statistics
+            raise self._diverged(epoch, None, "the model's state (BatchNorm statistics?) is not finite")
+        self.elapsed += time.perf_counter() - started
+        record["elapsed"] = self.elapsed
+        if distributed.is_main():
+            with faults.writing(self.log.path, self._kept()):
+                self.log.write(record)
+        history.append(record)
+        self.save(epoch + 1)
+        return last_eval

@@ -1,0 +1,122 @@
+"""Stopping a run on SIGINT / SIGTERM with its last checkpoint whole, and the test hook that lets a
+test SIGKILL a run at a named point.
+
+SIGTERM's default action ends Python at once, with no ``finally`` run and no word to the user; a
+Ctrl-C's ``KeyboardInterrupt`` carries no signal number. ``raising_on_signals`` makes both raise
+``Interrupted``: ``finally`` blocks run (``atomic_save`` removes its temp file), the trainer adds
+where the run stands, and the CLI prints the resume command and exits 128 + the signal number,
+as a shell would report the signal. ``deferred`` holds a signal back while a checkpoint is being
+written, so that what the message says ``last.pt`` holds is exactly what it holds.
+
+Only the CLI installs the handlers (and only in the main thread); a library caller keeps Python's
+own ``KeyboardInterrupt``, which the trainer annotates all the same.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+# Test hook: ``KD3_TEST_PAUSE=POINT@EPOCH`` makes the process announce itself on stderr and sleep at
+# that point of that (1-based) epoch, for a test to SIGKILL it there. Points: "selection" (the
+# method's selection pass has built the epoch's plan, nothing of the epoch is on disk), "mid-epoch"
+# (after the epoch's first optimizer step), "checkpoint-write" (the new last.pt is a complete temp
+# file, not yet renamed over the old one).
+PAUSE_ENV = "KD3_TEST_PAUSE"
+PAUSE_ANNOUNCEMENT = "kd3 test pause:"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, with where the run stands once the trainer has seen it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir: Path | None = None
+        self.epoch: int | None = None  # the 1-based epoch that was running
+        self.saved_epoch = 0  # the epoch last.pt holds; 0: none was written
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def resumable(self) -> bool:
+        return self.run_dir is not None and self.saved_epoch > 0
+
+    def describe(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.run_dir is None:  # outside a training loop (building a pool, ingesting, ...)
+            return f"interrupted by {name}"
+        during = f"interrupted by {name} during epoch {self.epoch}"
+        if not self.resumable:
+            return f"{during}, before any epoch finished: nothing to resume in {self.run_dir}, start the run again"
+        return f"{during}; {self.run_dir / 'last.pt'} holds the last finished epoch ({self.saved_epoch})"
+
+
+def as_interrupted(stop: KeyboardInterrupt, run_dir: Path, epoch: int, saved_epoch: int) -> Interrupted:
+    """``stop`` (a plain Ctrl-C too) as an ``Interrupted`` that knows the run and its checkpoint."""
+    interrupted = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
+    interrupted.run_dir, interrupted.epoch, interrupted.saved_epoch = run_dir, epoch, saved_epoch
+    return interrupted
+
+
+_deferring = 0
+_pending: list[int] = []
+
+
+def _handler(signum: int, frame: object) -> None:
+    del frame
+    if _deferring:
+        _pending.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def raising_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` inside the block; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A signal arriving inside the block is raised when the block has finished (not if it failed:
+    its own error then propagates). Only under ``raising_on_signals``; SIGKILL cannot be deferred,
+    which is why checkpoint writes are atomic as well."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    except BaseException:
+        _pending.clear()  # the block's own error is what stops the run
+        raise
+    finally:
+        _deferring -= 1
+    if not _deferring and _pending:
+        signum = _pending[-1]
+        _pending.clear()
+        raise Interrupted(signum)
+
+
+def pause_point(point: str, epoch: int) -> None:
+    """The ``KD3_TEST_PAUSE`` hook (see above); does nothing unless the variable names this point."""
+    if os.environ.get(PAUSE_ENV) != f"{point}@{epoch}":
+        return
+    print(f"{PAUSE_ANNOUNCEMENT} {point}@{epoch}", file=sys.stderr, flush=True)
+    time.sleep(3600)
