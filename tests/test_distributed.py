@@ -40,7 +40,9 @@ def setup(tmp_path_factory):
                  f"output={teacher}", f"output_dir={root / 'runs'}", "train.epochs=2", "progress=false"]) == 0
     Pool.unlabelled(load_source("uci-digits:train").images, origin="folder").save(root / "pool.npz")
     common = [f"teacher.checkpoint={teacher}", "teacher.recipe=", "pool.name=file", f"pool.path={root / 'pool.npz'}",
-              "eval_data=uci-digits:test", *DETERMINISTIC]
+              # No test set: these compare weights, and a 10-step student is at chance, which kd3 refuses
+              # to ship as student.ts (kd3.engine.faults.chance_failure judges only runs with a test set).
+              "eval_data=", *DETERMINISTIC]
     return root, common
 
 

@@ -1,6 +1,7 @@
 """The library entry points the CLI calls: train a teacher, distil a student, evaluate a model."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from kd3.data.augment import CropFlip, Normalizer
 from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
-from kd3.engine import checkpoint, distributed
+from kd3.engine import checkpoint, distributed, faults
 from kd3.engine.evaluate import EvalResult, evaluate, predict_logits
 from kd3.engine.export import export_torchscript, load_torchscript
 from kd3.engine.trainer import Provenance, RunResult, Trainer, resolve_device
@@ -26,17 +27,24 @@ from kd3.models.base import Net
 from kd3.paths import cache_dir, expand
 from kd3.preflight import method_options  # also kd3.api.method_options, as before
 from kd3.teacher import TeacherInfo, load_teacher, save_teacher
+from kd3.utils.filelock import load_or_build
 from kd3.utils.safe_load import refuse_unsafe
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
-    run_dir = Path(output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 1
-    while run_dir.exists():
-        run_dir = run_dir.with_name(f"{run_dir.name.split('+')[0]}+{suffix}")
-        suffix += 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """``<output_dir>/<name>-<time>``, else ``...+1``, ``+2``, ...: ``mkdir`` without ``exist_ok`` is
+    the claim (atomic), so runs started in the same second, in any processes, never share one."""
+    base = Path(output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with faults.writing(Path(output_dir), "nothing was trained"):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        suffix = 0
+        while True:
+            run_dir = base.with_name(f"{base.name}+{suffix}") if suffix else base
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                suffix += 1
 
 
 def _setup(train_seed: int, threads: int) -> None:
@@ -46,12 +54,16 @@ def _setup(train_seed: int, threads: int) -> None:
 
 
 def _prepare_run(cfg: Any, resume: Path | None) -> Path:
+    """The run directory, proven writable (a read-only or full output_dir fails here, in one line,
+    before a teacher is trained or a pool built)."""
     if resume is None:
         run_dir = new_run_dir(cfg.output_dir, cfg.name)
-        save_config(cfg, run_dir / "config.yaml")
+        with faults.writing(run_dir / "config.yaml", "nothing was trained"):
+            save_config(cfg, run_dir / "config.yaml")
         return run_dir
-    if not (resume / "last.pt").is_file():
+    if not (resume / "last.pt").is_file() and not (resume / "prev.pt").is_file():
         raise FileNotFoundError(f"--resume {resume}: no last.pt there (is it a kd3 run directory?)")
+    faults.check_writable(resume)
     return resume
 
 
@@ -64,6 +76,8 @@ def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_afte
     """Train a teacher with labels (crop+flip recipe) and save a checkpoint with its record."""
     preflight.require_model(cfg.model, "model")  # before the run directory exists or any data loads
     preflight.check_train(cfg.train)
+    output = expand(cfg.output)
+    faults.check_writable(output.parent)  # not after training: the teacher would have nowhere to go
     run_dir = _prepare_run(cfg, resume)
     _setup(cfg.train.seed, cfg.train.threads)
     train, val, test = load_source(cfg.data), load_source(cfg.val_data), load_source(cfg.test_data)
@@ -88,19 +102,23 @@ def train_teacher(cfg: TeacherTrainConfig, resume: Path | None = None, stop_afte
     info = TeacherInfo(arch=cfg.model, num_classes=len(train.classes), in_channels=in_channels, image_size=image_size,
                        classes=list(train.classes), mean=list(train.mean), std=list(train.std), data=cfg.data,
                        test_accuracy=result.accuracy, val_accuracy=val_result.accuracy, recipe=to_dict(cfg))
-    output = expand(cfg.output)
-    save_teacher(output, net.cpu(), info)
+    with faults.writing(output, f"the trained weights are in {run_dir / 'last.pt'}"):
+        save_teacher(output, net.cpu(), info)
     return output, info
 
 
 def prepare_teacher(cfg: DistillConfig) -> tuple[Net, TeacherInfo]:
-    """Load the configured teacher; train it first (once, cached) when a recipe is given and it is missing."""
+    """Load the configured teacher; train it first (once, cached) when a recipe is given and it is missing.
+    Two runs wanting the same missing teacher train it once: the second waits on its lock, then loads it."""
     path = preflight.teacher_path(cfg)
-    if not path.is_file():
+
+    def train() -> tuple[Net, TeacherInfo]:
         print(f"Teacher {path} not found: training it once from {cfg.teacher.recipe} (cached for later runs)")
         recipe = load_config(TeacherTrainConfig, cfg.teacher.recipe, [f"output={cfg.teacher.checkpoint}"])
         train_teacher(replace(recipe, output_dir=str(Path(cfg.output_dir) / "teachers"), progress=cfg.progress))
-    return load_teacher(path)
+        return load_teacher(path)
+
+    return load_or_build(path, lambda found: load_teacher(found) if found.is_file() else None, train)
 
 
 def load_pool(cfg: DistillConfig) -> Pool:
@@ -213,17 +231,42 @@ def distill(cfg: DistillConfig, resume: Path | None = None, stop_after: int | No
                       show_progress=cfg.progress)
     if resume is not None:
         _resume(trainer, run_dir)
-    result = trainer.fit(stop_after=stop_after)
-    if result.epochs == cfg.train.epochs and distributed.is_main():
-        export_student(method, info, run_dir / "student.ts")
+    try:
+        result = trainer.fit(stop_after=stop_after)
+        if result.epochs == cfg.train.epochs and distributed.is_main():
+            _deliver(method, info, run_dir, result, len(eval_data.labels) if eval_data is not None else 0)
+    except faults.TrainingFailed as failure:
+        if distributed.is_main():
+            faults.write_failure_note(run_dir, str(failure))
+        raise
     return result
 
 
+def _deliver(method: Method, info: TeacherInfo, run_dir: Path, result: RunResult, eval_count: int) -> None:
+    """``student.ts``, unless the student is no deliverable (``faults.chance_failure``): then nothing
+    is exported and ``TrainingFailed`` says why."""
+    problem = faults.chance_failure(result.accuracy, eval_count, info.num_classes, info.val_accuracy)
+    if problem is not None:
+        raise faults.TrainingFailed(f"{problem}; not exported as student.ts (see {run_dir / faults.FAILED_NOTE}); "
+                                    f"the weights are in {run_dir / 'last.pt'}")
+    path = run_dir / "student.ts"
+    with faults.writing(path, f"the trained weights are in {run_dir / 'last.pt'}"):
+        export_student(method, info, path)
+    (run_dir / faults.FAILED_NOTE).unlink(missing_ok=True)  # from an earlier try of this run
+
+
 def export_student(method: Method, info: TeacherInfo, path: Path) -> Path:
+    """TorchScript with kd3's metadata, written whole or not at all (temp file, then rename)."""
     example = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
     meta = {"mean": info.mean, "std": info.std, "classes": info.classes, "in_channels": info.in_channels,
             "image_size": info.image_size, "method": method.name}
-    return export_torchscript(method.deployable(), example, meta, path)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        export_torchscript(method.deployable(), example, meta, staged)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return path
 
 
 def load_any_model(path: Path) -> tuple[torch.nn.Module, Normalizer, int, int]:
@@ -234,6 +277,7 @@ def load_any_model(path: Path) -> tuple[torch.nn.Module, Normalizer, int, int]:
     it), so pass only files you trust."""
     path = Path(path)
     if path.is_dir():
+        faults.raise_if_failed(path)
         path = path / "student.ts"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (give a teacher .pt, a student .ts or a finished run directory)")

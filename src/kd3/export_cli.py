@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from kd3.engine.export import export_onnx, load_torchscript
+from kd3.engine.faults import raise_if_failed
 
 
 def export_run(run_dir: Path, fmt: str) -> list[Path]:
+    raise_if_failed(run_dir)  # a diverged run has a student.FAILED note instead
     scripted_path = run_dir / "student.ts"
     if not scripted_path.is_file():
         raise FileNotFoundError(f"{scripted_path} does not exist: the run has not finished "

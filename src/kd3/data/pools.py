@@ -27,6 +27,8 @@ from kd3.data.pool import UNKNOWN_LABEL, Pool
 from kd3.data.shifts import NEEDS_PATCHES, STYLES, apply_style
 from kd3.data.sources import load_source
 from kd3.data.splits import allocate
+from kd3.engine.faults import best_effort
+from kd3.utils.filelock import load_or_build
 
 # Bump when a change in generation code alters what a given seed builds: it invalidates caches.
 POOL_VERSION = 1
@@ -190,14 +192,25 @@ def pool_cache_path(name: str, cache_dir: Path, **knobs) -> Path:
     return Path(cache_dir) / "pools" / f"{name}-{digest}.npz"
 
 
+def _cached_pool(path: Path) -> Pool | None:
+    if not path.is_file():
+        return None
+    try:
+        return Pool.load(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable cache (e.g. disk filled mid-copy): rebuild and overwrite it
+
+
 def load_or_build_pool(name: str, cache_dir: Path, **knobs) -> Pool:
-    """The cached pool for these knobs, built and saved on first use."""
+    """The cached pool for these knobs, built and saved on first use: once, when several processes
+    ask at the same time (the others wait on its lock, then read it). A cache that cannot be
+    written (full disk) costs a warning, not the run."""
     path = pool_cache_path(name, cache_dir, **knobs)
-    if path.is_file():
-        try:
-            return Pool.load(path)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable cache (e.g. disk filled mid-copy): rebuild and overwrite it
-    pool = build_pool(name, **knobs)
-    pool.save(path)
-    return pool
+
+    def build() -> Pool:
+        pool = build_pool(name, **knobs)
+        with best_effort(path, "the pool (it is built again next time)"):
+            pool.save(path)
+        return pool
+
+    return load_or_build(path, _cached_pool, build)

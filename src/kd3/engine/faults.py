@@ -79,7 +79,7 @@ def chance_failure(accuracy: float, count: int, num_classes: int, teacher_accura
         return None
     return (f"the student is at chance: test accuracy {100 * accuracy:.2f}% is not above {100 * threshold:.2f}% "
             f"(1/{num_classes} + 3 SE on {count} images) while the teacher reaches {100 * teacher_accuracy:.2f}%; "
-            "training diverged without a NaN (train.lr too high?)")
+            "training diverged without a NaN or was far too short (train.lr too high? train.epochs too few?)")
 
 
 FAILED_NOTE = "student.FAILED"  # in a run directory in place of student.ts: why there is no student

@@ -18,7 +18,9 @@ from torch import nn
 from kd3.data.augment import Normalizer
 from kd3.data.pool import Pool
 from kd3.engine.checkpoint import atomic_save, state_sha256
+from kd3.engine.faults import best_effort
 from kd3.scores.outputs import TeacherOutputs, teacher_outputs
+from kd3.utils.filelock import load_or_build
 from kd3.utils.safe_load import refuse_unsafe
 
 # Bump when what the pass stores, or how, changes: it invalidates every cached file.
@@ -39,17 +41,28 @@ def cache_path(key: dict, cache_dir: Path) -> Path:
 def cached_teacher_outputs(pool: Pool, teacher: nn.Module, normalize: Normalizer, cache_dir: Path,
                            batch_size: int = 1024, device: torch.device | str = "cpu",
                            show_progress: bool = False) -> TeacherOutputs:
-    """The pool's teacher outputs from the cache, or from one pass that is then saved."""
+    """The pool's teacher outputs from the cache, or from one pass that is then saved (one pass when
+    several processes ask at once: the others wait on the cache's lock, then read it)."""
     key = cache_key(pool, teacher, normalize)
     path = cache_path(key, cache_dir)
-    if path.is_file():
-        try:
-            with refuse_unsafe(path, "kd3 score cache"):  # a file that references code is refused, not overwritten
-                record = torch.load(path, map_location="cpu", weights_only=True)
-            if record.get("key") == key:
-                return TeacherOutputs.from_record(record)
-        except (OSError, RuntimeError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable (e.g. a disk that filled mid-write): recompute and overwrite
-    outputs = teacher_outputs(teacher, pool.images, normalize, batch_size, device, show_progress)
-    atomic_save({"key": key, **outputs.to_record()}, path)
-    return outputs
+
+    def compute() -> TeacherOutputs:
+        outputs = teacher_outputs(teacher, pool.images, normalize, batch_size, device, show_progress)
+        with best_effort(path, "the teacher pass (it is recomputed next time)"):
+            atomic_save({"key": key, **outputs.to_record()}, path)
+        return outputs
+
+    return load_or_build(path, lambda found: _cached(found, key), compute)
+
+
+def _cached(path: Path, key: dict) -> TeacherOutputs | None:
+    if not path.is_file():
+        return None
+    try:
+        with refuse_unsafe(path, "kd3 score cache"):  # a file that references code is refused, not overwritten
+            record = torch.load(path, map_location="cpu", weights_only=True)
+        if record.get("key") == key:
+            return TeacherOutputs.from_record(record)
+    except (OSError, RuntimeError, KeyError, zipfile.BadZipFile):
+        pass  # unreadable (e.g. a disk that filled mid-write): recompute and overwrite
+    return None
