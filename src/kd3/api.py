@@ -17,7 +17,7 @@ from kd3.data.augment import CropFlip, Normalizer
 from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
-from kd3.engine import checkpoint, distributed, faults
+from kd3.engine import checkpoint, distributed, faults, signals
 from kd3.engine.evaluate import EvalResult, evaluate, predict_logits
 from kd3.engine.export import export_torchscript, load_torchscript
 from kd3.engine.trainer import Provenance, RunResult, Trainer, resolve_device
@@ -226,7 +226,10 @@ def distill(cfg: DistillConfig, resume: Path | None = None, stop_after: int | No
     distributed.init_from_env(resolve_device(cfg.train.device).type)
     run_dir = distributed.broadcast_object(_prepare_run(cfg, resume) if distributed.is_main() else None)
     _setup(cfg.train.seed, cfg.train.threads)
-    method, eval_data, provenance, info = build_distillation(cfg, checked)
+    try:
+        method, eval_data, provenance, info = build_distillation(cfg, checked)
+    except KeyboardInterrupt as stop:  # say this run's state, not that of a teacher it was training
+        raise signals.as_interrupted(stop, run_dir, None, 0) from None
     trainer = Trainer(method, cfg.train, run_dir, eval_data=eval_data, provenance=provenance,
                       show_progress=cfg.progress)
     if resume is not None:

@@ -40,8 +40,8 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.run_dir: Path | None = None
-        self.epoch: int | None = None  # the 1-based epoch that was running
-        self.saved_epoch = 0  # the epoch last.pt holds; 0: none was written
+        self.epoch: int | None = None  # the 1-based epoch that was running; None: training had not started
+        self.saved_epoch = 0  # the epoch last.pt holds; 0: none was written (or not known yet)
 
     @property
     def exit_code(self) -> int:
@@ -49,19 +49,23 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def resumable(self) -> bool:
-        return self.run_dir is not None and self.saved_epoch > 0
+        return self.run_dir is not None and (self.run_dir / "last.pt").is_file()
 
     def describe(self) -> str:
         name = signal.Signals(self.signum).name
-        if self.run_dir is None:  # outside a training loop (building a pool, ingesting, ...)
+        if self.run_dir is None:  # outside any run (building a pool, ingesting, ...)
             return f"interrupted by {name}"
+        nothing = f"nothing to resume in {self.run_dir}, start the run again"
+        if self.epoch is None:  # e.g. while the teacher it needs was being trained
+            unchanged = f"; {self.run_dir / 'last.pt'} is as it was" if self.resumable else f": {nothing}"
+            return f"interrupted by {name} before training started{unchanged}"
         during = f"interrupted by {name} during epoch {self.epoch}"
         if not self.resumable:
-            return f"{during}, before any epoch finished: nothing to resume in {self.run_dir}, start the run again"
+            return f"{during}, before any epoch finished: {nothing}"
         return f"{during}; {self.run_dir / 'last.pt'} holds the last finished epoch ({self.saved_epoch})"
 
 
-def as_interrupted(stop: KeyboardInterrupt, run_dir: Path, epoch: int, saved_epoch: int) -> Interrupted:
+def as_interrupted(stop: KeyboardInterrupt, run_dir: Path, epoch: int | None, saved_epoch: int) -> Interrupted:
     """``stop`` (a plain Ctrl-C too) as an ``Interrupted`` that knows the run and its checkpoint."""
     interrupted = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
     interrupted.run_dir, interrupted.epoch, interrupted.saved_epoch = run_dir, epoch, saved_epoch
