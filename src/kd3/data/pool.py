@@ -110,11 +110,9 @@ class Pool:
         if path.suffix != ".npz":
             return self._save_directory(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz"
-            np.savez(f, images=self.images[:].numpy(), **self._provenance_arrays(),
-                     meta=np.array(json.dumps(self.meta, sort_keys=True)))
-        os.replace(tmp, path)
+        # A file object stops numpy from appending ".npz".
+        _atomic_write(path, lambda f: np.savez(f, images=self.images[:].numpy(), **self._provenance_arrays(),
+                                               meta=np.array(json.dumps(self.meta, sort_keys=True))))
         return path
 
     def _provenance_arrays(self) -> dict[str, np.ndarray]:
@@ -172,7 +170,15 @@ def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file, fsync, rename; a failed write (a full disk) leaves no temp file
+    behind and the previous ``path``, if any, untouched."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
