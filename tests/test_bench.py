@@ -18,6 +18,7 @@ from kd3.bench.runner import RunFailed, Runner, config_digest, resolved_config
 from kd3.bench.spec import groups, load_spec, plan_runs
 from kd3.bench.tables import write_tables
 from kd3.config import ConfigError, save_config
+from kd3.data.contamination import pool_contamination
 from kd3.data.pool import Pool
 from kd3.data.sources import load_source
 from kd3.engine.logging import MetricsLog
@@ -228,5 +229,8 @@ def test_tiny_bench_end_to_end_through_subprocesses(tmp_path, teacher_path, prov
     page = (tmp_path / "results" / "tiny.md").read_text()
     assert all(f"| {name} |" in page for name in ("teacher", "blind_kd", "oracle"))
     assert "600 images (tiny)" in page  # the pool's composition, recorded by the bench's prepare step
+    found = pool_contamination(Pool.load(provenance_pool), "uci-digits:test", duplicates=False).summary()
+    assert (f"; {found['flagged']} images copy uci-digits:test ({found['exact']} exact, {found['near']} near"
+            in page)  # and how many pool images copy the test set
     args.func(args)  # a second call finds everything cached
     assert "0 run, 0 reused, 2 cached" in capsys.readouterr().out

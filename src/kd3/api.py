@@ -14,6 +14,7 @@ import kd3.methods  # noqa: F401  (registers every method)
 from kd3 import preflight
 from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, load_config, save_config, to_dict
 from kd3.data.augment import CropFlip, Normalizer
+from kd3.data.contamination import drop_contaminated, pool_contamination
 from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
@@ -136,11 +137,32 @@ def load_pool(cfg: DistillConfig) -> Pool:
     else:
         pool = load_or_build_pool(p.name, cache_dir(), size=p.size, irrelevant_fraction=p.irrelevant_fraction,
                                   variant=p.variant, seed=p.seed)
+    if p.drop_contaminated:
+        pool = _drop_contaminated(pool, contamination_source(cfg), cfg.progress)
     if p.oracle:
         if not pool.has_provenance:
             raise ConfigError("pool.oracle=true needs a pool with provenance (a built benchmark pool)")
         pool = pool.subset(np.flatnonzero(pool.relevant))
     return pool
+
+
+def contamination_source(cfg: DistillConfig) -> str:
+    """The SOURCE:SPLIT ``pool.drop_contaminated`` checks the pool against."""
+    against = cfg.pool.contamination_against or cfg.eval_data
+    if not against:
+        raise ConfigError("pool.drop_contaminated=true needs evaluation images to check against: set eval_data or "
+                          "pool.contamination_against=SOURCE:SPLIT")
+    return against
+
+
+def _drop_contaminated(pool: Pool, against: str, show_progress: bool) -> Pool:
+    report = pool_contamination(pool, against, duplicates=False, show_progress=show_progress)
+    kept = drop_contaminated(pool, report)
+    summary = report.summary()
+    if distributed.is_main():
+        print(f"pool.drop_contaminated: dropped {summary['flagged']} of {len(pool)} pool images that copy {against} "
+              f"({summary['exact']} exact, {summary['near']} near copies)")
+    return kept
 
 
 def _provenance(pool: Pool, teacher: Net, normalize: Normalizer, device: torch.device) -> Provenance | None:
@@ -175,6 +197,8 @@ def check_distillation(cfg: DistillConfig) -> Checked:
                                 f"eval_data={cfg.eval_data}")
     pool = None
     if not method_cls.uses_original_data:
+        if cfg.pool.drop_contaminated:
+            load_source(contamination_source(cfg))  # a missing or misspelt source fails now, not after the pool
         if cfg.pool.name in ("file", "source"):
             pool = load_pool(cfg)
             preflight.check_pool(pool, spec, preflight.pool_description(cfg.pool))

@@ -65,6 +65,10 @@ class PoolConfig:
     variant: str = "default"  # default or hard
     seed: int = 0
     oracle: bool = False  # keep only truly relevant images (uses provenance: a reference, not a method)
+    # Drop pool images that are exact or near copies of evaluation images (`kd3 data contamination`),
+    # checked against contamination_against, or eval_data when that is empty.
+    drop_contaminated: bool = False
+    contamination_against: str = ""
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SHOWN_PAIRS = 20  # closest pairs printed; --out writes them all
+
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data sources and web pools")
@@ -12,7 +14,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
 
     for name, text in [("build", "build (or reuse) a benchmark pool and print its composition"),
                        ("show", "write a PNG grid of samples per pool source and style"),
-                       ("diagnose", "how a teacher sees a pool: predicted classes, confidence, relevance scores")]:
+                       ("diagnose", "how a teacher sees a pool: predicted classes, confidence, relevance scores"),
+                       ("contamination", "pool images that copy evaluation images, and duplicates inside the pool")]:
         p = data_sub.add_parser(name, help=text)
         p.add_argument("pool", help="a builder name (fashion-wild, digits-wild) or a pool .npz file")
         p.add_argument("--size", type=int, default=20000)
@@ -27,6 +30,15 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--out", default=None, help="output folder (default: <pool>-diagnosis)")
             p.add_argument("--score", action="append", default=[],
                            help="an extra relevance score to report, e.g. meanrank:energy+bn_mean_all (repeatable)")
+            p.add_argument("--device", default="cpu")
+        if name == "contamination":
+            p.add_argument("--against", required=True, metavar="SOURCE:SPLIT",
+                           help="the evaluation images, e.g. fashion-mnist:test")
+            p.add_argument("--out", default=None, help="CSV of every flagged pair and duplicate (default: none)")
+            p.add_argument("--threshold", type=float, default=None,
+                           help="copy distance in grey levels (default: kd3.data.contamination.THRESHOLD)")
+            p.add_argument("--no-duplicates", action="store_true",
+                           help="skip the pool × pool duplicate search (quadratic: hours on a CPU for 1M images)")
             p.add_argument("--device", default="cpu")
 
     p = data_sub.add_parser("ingest", help="decode an image folder or WebDataset tar shards into a pool")
@@ -79,6 +91,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {out} ({len(pool)} images)")
     elif args.data_command == "diagnose":
         _diagnose(args)
+    elif args.data_command == "contamination":
+        _contamination(args)
     elif args.data_command == "ingest":
         from kd3.data.ingest import ingest
 
@@ -117,3 +131,34 @@ def _diagnose(args: argparse.Namespace) -> None:
         print_table("AUROC relevant vs irrelevant (higher = more relevant; per-style columns in the summary)",
                     ["score", *columns, f"P@{kept:.0%}", f"Pc@{kept:.0%}"], rows)
     print(f"wrote {files.markdown}, {files.html} and {len(files.images)} PNGs in {out}")
+
+
+def _contamination(args: argparse.Namespace) -> None:
+    from kd3.data import contamination
+    from kd3.engine.logging import print_table
+
+    pool = _pool_from_args(args)
+    threshold = contamination.THRESHOLD if args.threshold is None else args.threshold
+    report = contamination.pool_contamination(pool, args.against, threshold, duplicates=not args.no_duplicates,
+                                              device=args.device, show_progress=True)
+    s = report.summary()
+    rows = [["pool images copying an evaluation image", s["flagged"], f"{100 * s['flagged'] / len(pool):.3f}"],
+            ["  exact copies", s["exact"], f"{100 * s['exact'] / len(pool):.3f}"],
+            ["  near copies", s["near"], f"{100 * s['near'] / len(pool):.3f}"]]
+    if s["duplicate_groups"] is not None:
+        rows += [["duplicate groups inside the pool", s["duplicate_groups"], ""],
+                 ["  images in them", s["duplicate_images"], f"{100 * s['duplicate_images'] / len(pool):.3f}"]]
+    print_table(f"{_pool_title(args)} against {args.against} ({s['eval_images']} images; copy distance ≤ "
+                f"{threshold:g} grey levels)", ["", "images", "% of pool"], rows)
+    pairs = list(report.pairs())
+    if pairs:
+        shown = sorted(pairs, key=lambda p: p.distance)[:SHOWN_PAIRS]
+        print_table(f"closest copies ({len(shown)} of {len(pairs)} pairs)",
+                    ["pool index", "source / style", f"{args.against} index", "kind", "distance"],
+                    [[p.pool_index, f"{pool.source[p.pool_index]} / {pool.style[p.pool_index]}", p.eval_index, p.kind,
+                      f"{p.distance:.2f}"] for p in shown])
+    if args.out:
+        path = report.write_csv(args.out, pool.source.astype(str), pool.style.astype(str))
+        print(f"wrote {path}")
+    if s["flagged"]:
+        print(f"Train without them: kd3 distill CONFIG pool.drop_contaminated=true (against {args.against})")

@@ -27,6 +27,8 @@ from kd3.bench.records import all_records, read_context, read_json, write_contex
 from kd3.bench.spec import BenchSpec, Run
 from kd3.bench.stats import binomial_se, mean_std
 from kd3.config import ConfigError, DistillConfig, load_config, to_dict
+from kd3.data.contamination import pool_contamination
+from kd3.data.pool import Pool
 from kd3.engine.logging import MetricsLog
 
 SELECTION_KEYS = ("selected", "precision", "recall", "precision_correct", "recall_correct")
@@ -197,11 +199,21 @@ def prepare(spec: BenchSpec, runs: list[Run]) -> dict[str, Any]:
     for run in runs:
         if run.kind != "reference" and run.group not in done:  # rebuilt each call: the spec may have changed
             cfg = resolved_config(run)
-            pool = api.load_pool(replace(cfg, pool=replace(cfg.pool, oracle=False)))
-            pools[run.group] = {"images": len(pool), "meta": pool.meta}
+            raw = replace(cfg, pool=replace(cfg.pool, oracle=False, drop_contaminated=False))
+            pool = api.load_pool(raw)
+            pools[run.group] = {"images": len(pool), "meta": pool.meta, "contamination": _contamination(pool, raw)}
             done.add(run.group)
     write_context(spec.results_root, context)
     return context
+
+
+def _contamination(pool: Pool, cfg: DistillConfig) -> dict[str, Any] | None:
+    """How many of the pool's images copy the test images its rows are scored on (cached per pool;
+    counted before any ``pool.drop_contaminated``)."""
+    if not cfg.eval_data:
+        return None
+    report = pool_contamination(pool, cfg.eval_data, duplicates=False, show_progress=cfg.progress)
+    return report.summary()
 
 
 @dataclass

@@ -154,18 +154,27 @@ def _machine(record: dict[str, Any]) -> str:
             f"GPU: {m['gpu'] or 'none'}")
 
 
+def contamination_note(entry: dict[str, Any]) -> str:
+    """The composition's suffix naming how many pool images copy the test set (empty where not checked)."""
+    found = entry.get("contamination")
+    if not found:
+        return ""
+    return (f"; {found['flagged']} images copy {found['against']} ({found['exact']} exact, {found['near']} near: "
+            f"`kd3 data contamination`)")
+
+
 def pool_composition(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "(not recorded: run the bench to record it)"
     meta, counts = entry["meta"], entry["meta"].get("counts")
     if not counts:
-        return f"{entry['images']} images ({meta.get('pool', 'file')})"
+        return f"{entry['images']} images ({meta.get('pool', 'file')}){contamination_note(entry)}"
     parts = counts["source_style"]
     relevant = ", ".join(f"{k} {n}" for k, n in parts.items() if not k.endswith("/none") and n)
     irrelevant = ", ".join(f"{k.removesuffix('/none')} {n}" for k, n in parts.items() if k.endswith("/none") and n)
     return (f"{meta['pool']} ({meta['variant']}, seed {meta['seed']}): {entry['images']} images; "
             f"{counts['relevant']} relevant ({relevant or 'none'}); {counts['irrelevant']} irrelevant "
-            f"({irrelevant or 'none'})")
+            f"({irrelevant or 'none'}){contamination_note(entry)}")
 
 
 def header(spec: BenchSpec, records: list[dict[str, Any]], context: dict[str, Any], seeds: list[int],

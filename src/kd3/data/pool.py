@@ -111,7 +111,7 @@ class Pool:
             return self._save_directory(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # A file object stops numpy from appending ".npz".
-        _atomic_write(path, lambda f: np.savez(f, images=self.images[:].numpy(), **self._provenance_arrays(),
+        atomic_write(path, lambda f: np.savez(f, images=self.images[:].numpy(), **self._provenance_arrays(),
                                                meta=np.array(json.dumps(self.meta, sort_keys=True))))
         return path
 
@@ -162,14 +162,14 @@ def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict
     the pool's digest recorded so that later runs need not re-read its images."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
-        _atomic_write(directory / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+        atomic_write(directory / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
     pool = Pool(images=DiskImages(directory / IMAGES_FILE), meta=dict(meta), **arrays)
     meta = {k: v for k, v in meta.items() if k not in ("digest", "digest_of")}
     meta.update(digest=pool.digest(), digest_of=pool._disk_stamp())
-    _atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, sort_keys=True, indent=1).encode()))
+    atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, sort_keys=True, indent=1).encode()))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temp file, fsync, rename; a failed write (a full disk) leaves no temp file
     behind and the previous ``path``, if any, untouched."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
