@@ -147,6 +147,22 @@ def test_cut_short_run_resumes_from_its_checkpoint(spec):
     assert fresh.launched == [("runs", "blind_kd", 0, None)]
 
 
+def test_runs_of_another_teacher_are_run_again_and_never_tabled(spec):
+    runs = plan_runs(spec, groups(spec), ["blind_kd", "kd3"], [0, 1])
+    old = {**STAMP, "teacher_sha256": "aaaa"}
+    Runner(spec.results_root, old, launcher=FakeLaunch(), say=lambda text: None).run(runs)
+    new_teacher = FakeLaunch()
+    said: list[str] = []
+    outcome = Runner(spec.results_root, {**STAMP, "teacher_sha256": "bbbb"}, launcher=new_teacher,
+                     say=said.append).run(runs[:2])
+    assert outcome.ran == 2 and outcome.reused == 0 and len(new_teacher.launched) == 2  # no twin of teacher aaaa
+    assert "2 cached with another teacher: run again" in said[0]
+    tabled = load_group(spec.results_root, "runs", "bbbb")
+    assert sum(len(seeds) for seeds in tabled.values()) == 2
+    assert all(r["teacher_sha256"] == "bbbb" for seeds in tabled.values() for r in seeds.values())
+    assert sum(len(seeds) for seeds in load_group(spec.results_root, "runs").values()) == 4
+
+
 def test_tables_list_every_row_and_pair_differences_by_seed(spec):
     runs = plan_runs(spec, groups(spec), ["blind_kd", "kd3", "oracle"])
     _run(spec, runs, FakeLaunch())

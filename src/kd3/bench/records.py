@@ -33,12 +33,20 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def load_group(results_root: Path, group: str) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{row: {seed: record}}`` for every cached run of one group."""
+def same_teacher(record: dict[str, Any], teacher_sha256: str | None) -> bool:
+    """Whether a run was distilled from this teacher (None: any teacher). A record from before
+    runs carried their teacher's checksum counts as another teacher's."""
+    return teacher_sha256 is None or record.get("teacher_sha256") == teacher_sha256
+
+
+def load_group(results_root: Path, group: str, teacher_sha256: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{row: {seed: record}}`` for every cached run of one group (with ``teacher_sha256``: only
+    runs of that teacher, so a table never mixes students of two teachers)."""
     found: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted((results_root / group).glob("*/seed*.json")):
         record = read_json(path)
-        found.setdefault(record["row"], {})[record["seed"]] = record
+        if same_teacher(record, teacher_sha256):
+            found.setdefault(record["row"], {})[record["seed"]] = record
     return found
 
 

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kd3.bench.records import all_records, read_context, read_json, write_context, write_json
+from kd3.bench.records import all_records, read_context, read_json, same_teacher, write_context, write_json
 from kd3.bench.spec import BenchSpec, Run
 from kd3.bench.stats import binomial_se, mean_std
 from kd3.config import ConfigError, DistillConfig, load_config, to_dict
@@ -238,11 +238,15 @@ class Runner:
 
     def run(self, runs: list[Run], jobs: int = 1) -> Outcome:
         """Bring every run to a cached record; ``jobs`` runs at a time."""
-        pending = [run for run in runs if not run.record.is_file()]
+        teacher = self.stamp.get("teacher_sha256")
+        pending = [run for run in runs if not (run.record.is_file() and same_teacher(read_json(run.record), teacher))]
+        stale = sum(run.record.is_file() for run in pending)
         self.outcome = Outcome(cached=len(runs) - len(pending))
         self.total, self.done, self.started = len(pending), 0, time.perf_counter()
-        self.twins = {record.get("config_digest"): path for path, record in all_records(self.results_root)}
-        self.say(f"{len(runs)} runs: {self.outcome.cached} cached, {len(pending)} to do, {jobs} at a time")
+        self.twins = {record.get("config_digest"): path for path, record in all_records(self.results_root)
+                      if same_teacher(record, teacher)}
+        self.say(f"{len(runs)} runs: {self.outcome.cached} cached, {len(pending)} to do, {jobs} at a time"
+                 + (f" ({stale} cached with another teacher: run again)" if stale else ""))
         if jobs <= 1:  # in order, in this thread: an interruption leaves exactly the finished ones
             for run in pending:
                 self._one(run)

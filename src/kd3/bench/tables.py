@@ -60,7 +60,7 @@ def _teacher_row(name: str, context: dict[str, Any]) -> dict[str, Any]:
 def group_rows(spec: BenchSpec, group: str, names: Iterable[str], seeds: list[int],
                context: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Summaries of ``names`` in one group, and the raw records they came from (for the header)."""
-    found = load_group(spec.results_root, group)
+    found = load_group(spec.results_root, group, context.get("teacher", {}).get("sha256"))
     baseline = {s: r["test_acc"] for s, r in found.get(spec.baseline, {}).items()}
     rows = []
     for name in names:
