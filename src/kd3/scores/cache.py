@@ -24,7 +24,7 @@ from kd3.utils.filelock import load_or_build
 from kd3.utils.safe_load import refuse_unsafe
 
 # Bump when what the pass stores, or how, changes: it invalidates every cached file.
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: adds TeacherOutputs.bn_grid (the other fields are unchanged)
 
 
 def cache_key(pool: Pool, teacher: nn.Module, normalize: Normalizer) -> dict:

@@ -7,8 +7,13 @@ Base scores:
 - ``bn_<variant>_<layers>`` for variant in mean / kl / meanlogvar and layers in early / late / all:
   minus the BatchNorm-statistics distance (``formulas.bn_distance``) averaged over those layers.
 
+Fitted scores (``fitted``), pure deterministic functions of ``TeacherOutputs`` that fit a density on
+the pool from a seed score's most confident images:
+- ``bn_grid_maha``: class-conditional Mahalanobis distance of the BatchNorm inputs' 2×2-grid channel
+  means, fitted on the top 5 % by ``meanrank:energy+bn_mean_all``.
+
 Combinations: ``meanrank:a+b[+c...]`` and ``minrank:a+b[+c...]`` of two or more distinct base scores
-(``ranks``). ``default`` is kd3's recommended score, ``DEFAULT_SCORE``.
+(``ranks``), base or fitted. ``default`` is kd3's recommended score, ``DEFAULT_SCORE``.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from kd3.scores import formulas
+from kd3.scores import fitted, formulas
 from kd3.scores.outputs import TeacherOutputs
 from kd3.scores.ranks import mean_rank, min_rank
 
@@ -49,27 +54,39 @@ BASE_SCORES: dict[str, ScoreFn] = {
 COMBINATIONS: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = {"meanrank": mean_rank, "minrank": min_rank}
 
 
+def _seed(outputs: TeacherOutputs) -> torch.Tensor:
+    rule, _, parts = fitted.SEED_SCORE.partition(":")
+    return COMBINATIONS[rule]([BASE_SCORES[c](outputs) for c in parts.split("+")])
+
+
+# Not in BASE_SCORES, so ``available_scores`` (what `kd3 data diagnose` reports by default) is unchanged;
+# ask for them by name (``--score bn_grid_maha``).
+FITTED_SCORES: dict[str, ScoreFn] = fitted.fitted_scores(_seed)
+_SINGLE_SCORES: dict[str, ScoreFn] = {**BASE_SCORES, **FITTED_SCORES}
+
+
 def resolve(name: str) -> str:
     """The canonical form of a score name (``default`` expanded), or a ValueError naming the valid ones."""
     name = DEFAULT_SCORE if name == "default" else name
-    if name in BASE_SCORES:
+    if name in _SINGLE_SCORES:
         return name
     rule, _, parts = name.partition(":")
     components = parts.split("+") if parts else []
     if rule in COMBINATIONS and len(components) >= 2 and len(set(components)) == len(components) \
-            and all(c in BASE_SCORES for c in components):
+            and all(c in _SINGLE_SCORES for c in components):
         return name
-    raise ValueError(f"unknown relevance score {name!r}; valid: {', '.join(BASE_SCORES)}, default, or "
+    raise ValueError(f"unknown relevance score {name!r}; valid: {', '.join(_SINGLE_SCORES)}, default, or "
                      f"{'/'.join(COMBINATIONS)}:A+B[+C...] of two or more distinct of those")
 
 
 def compute_score(name: str, outputs: TeacherOutputs) -> torch.Tensor:
-    """One value per image (float64 for rank combinations, float32 otherwise), higher = more relevant."""
+    """One value per image (float64 for rank combinations and fitted scores, float32 otherwise), higher =
+    more relevant."""
     name = resolve(name)
-    if name in BASE_SCORES:
-        return BASE_SCORES[name](outputs)
+    if name in _SINGLE_SCORES:
+        return _SINGLE_SCORES[name](outputs)
     rule, _, parts = name.partition(":")
-    return COMBINATIONS[rule]([BASE_SCORES[c](outputs) for c in parts.split("+")])
+    return COMBINATIONS[rule]([_SINGLE_SCORES[c](outputs) for c in parts.split("+")])
 
 
 def available_scores(outputs: TeacherOutputs) -> list[str]:
