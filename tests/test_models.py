@@ -15,6 +15,8 @@ NUM_CLASSES = 7  # not the factories' default 10, so a model that ignores num_cl
 # name -> (feature channels, feature map side for 1×28×28 input, side for 3×32×32 input)
 FEATURE_MAPS = {
     "cnn_bn": (128, 7, 8),
+    "cnn_small_bn": (64, 7, 8),
+    "cnn_small_half_bn": (32, 7, 8),
     "lenet5": (16, 5, 5),
     "lenet5_bn": (16, 5, 5),
     "lenet5_half": (8, 5, 5),

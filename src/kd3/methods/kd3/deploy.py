@@ -1,4 +1,5 @@
-"""The shipped KD³ student: student backbone → projector φ → the teacher's pool and classifier.
+"""The shipped KD³ student: student backbone → projector φ → the teacher's pool and classifier
+(``sharing: map``), or student backbone → student pool → φ → the teacher's classifier (``sharing: pooled``).
 
 ``SharedClassifierStudent`` is a snapshot (deep copies, frozen, in eval mode), so what is evaluated
 or exported does not move with further training. Its forward is the op sequence training uses for
@@ -73,3 +74,20 @@ class SharedClassifierStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # shared_classifier_logits written out: TorchScript cannot pass a module to a free function.
         return self.head.classifier(self.head.pool(self.projector(self.backbone.features(x))))
+
+
+class PooledSharedClassifierStudent(nn.Module):
+    """The shipped student of ``sharing: pooled``: student backbone → the student's own pool → φ on
+    the pooled vector → the teacher's last linear layer (nothing else of the teacher). A frozen
+    eval-mode snapshot like ``SharedClassifierStudent``, with the op sequence training uses for z_S."""
+
+    def __init__(self, student: Net, projector: nn.Module, teacher: Net, image_shape: tuple[int, ...]):
+        super().__init__()
+        device = next(student.parameters()).device
+        self.backbone = used_copy(student, lambda net: net.pool(net.features(probe_input((2, *image_shape), device))))
+        self.projector = copy.deepcopy(projector).eval()
+        self.classifier = copy.deepcopy(teacher.classifier).eval()
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.projector(self.backbone.pool(self.backbone.features(x))))

@@ -15,6 +15,13 @@ Choices where METHOD.md is silent (each documented at its option too):
 - Spatial mismatch: the larger map is average-pooled to the smaller size, student side before φ
   (so the deployed model does it too). A teacher whose ``pool`` needs its full map (LeNet's
   flatten + fc) then rejects a smaller student map at construction, with a clear error.
+- ``sharing`` says what is shared. ``map`` (the default, as above): φ maps F_S to F_T's shape and the
+  teacher's whole ``pool`` + ``classifier`` run on φ(F_S); for LeNet that is its fc stack. ``pooled``:
+  φ (``PooledProjector``, a two-layer MLP) maps the student's own pooled vector pool_S(F_S) to the
+  width of the teacher's, z_S = h_T(φ(pool_S(F_S))) shares only the teacher's last linear layer, and
+  L_wfa aligns φ(pool_S(F_S)) with pool_T(F_T) (mean squared error over the vector). The paper's
+  networks end in GAP + one linear layer, where sharing "the classifier" means exactly that layer; on
+  such nets the two modes differ only in whether φ acts before or after the GAP.
 - ``classifier_sharing: false`` keeps L_wfa through φ (a FitNets-style hint) and adds KL to the
   teacher on the student's own classifier, so the ablation removes only the sharing.
 - The embedding heads read GAP(F) (Linear(C → d) in the spec), not the network's own ``pool``.
@@ -46,9 +53,9 @@ from torch import nn
 from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_method
 from kd3.methods.kd3.contrastive import EmbeddingHead, global_average, nt_xent
-from kd3.methods.kd3.deploy import SharedClassifierStudent, probe_input, shared_classifier_logits, used_copy
+from kd3.methods.kd3.deploy import PooledSharedClassifierStudent, SharedClassifierStudent, probe_input, shared_classifier_logits, used_copy
 from kd3.methods.kd3.mixdistribution import mix_distribution, sample_mix
-from kd3.methods.kd3.projector import Projector, common_size, pool_to
+from kd3.methods.kd3.projector import PooledProjector, Projector, common_size, pool_to
 from kd3.methods.kd3.schedule import TeacherWeight
 from kd3.methods.kd3.selection import Selection, blended_prediction, percentile_select, select
 from kd3.methods.kd3.teacher_targets import TeacherTargets
@@ -59,6 +66,7 @@ from kd3.scores import compute_score, percentile_ranks, resolve, teacher_outputs
 from kd3.utils.progress import progress
 
 SELECTION_VIEWS = ("augmented", "clean")
+SHARING_MODES = ("map", "pooled")
 THRESHOLD_RULES = ("auto", "flexmatch", "percentile")
 
 
@@ -77,6 +85,8 @@ class KD3Options:
     teacher_weight_sharpness: float = 5.0  # a(e) = 1 − exp(−sharpness · ((e+1)/horizon − 1)²)
     # §2 classifier sharing + weighted feature alignment
     classifier_sharing: bool = True  # off: student's own classifier + KL to the teacher (L_wfa kept)
+    # map: φ(F_S) → teacher's pool + classifier; pooled: φ(pool_S(F_S)) → teacher's classifier only
+    sharing: str = "map"
     kd_temperature: float = 4.0  # KL temperature, used only with classifier_sharing off
     weighting: str = "sigmoid"  # sigmoid(‖z_S − z_T‖₂) or uniform (w = 1)
     # §3 MixDistribution + instance alignment
@@ -96,6 +106,7 @@ class KD3Options:
         checks = [
             (self.selection_view in SELECTION_VIEWS, f"selection_view={self.selection_view!r}; valid: "
                                                      f"{', '.join(SELECTION_VIEWS)}"),
+            (self.sharing in SHARING_MODES, f"sharing={self.sharing!r}; valid: {', '.join(SHARING_MODES)}"),
             (self.weighting in WEIGHTINGS, f"weighting={self.weighting!r}; valid: {', '.join(WEIGHTINGS)}"),
             (0 < self.base_threshold <= 1, f"base_threshold={self.base_threshold} must be in (0, 1]"),
             (self.thresholds in THRESHOLD_RULES,
@@ -149,13 +160,21 @@ class KD3(Method):
         self.image_shape = tuple(ctx.images.shape[1:])
         student_channels, *student_size = probe_feature_shape(student, self.image_shape)
         teacher_channels, *teacher_size = probe_feature_shape(teacher, self.image_shape)
-        size = common_size(tuple(student_size), tuple(teacher_size))
-        self.feature_shape = (teacher_channels, *size)  # φ's output, what F_T is compared with
-        if options.classifier_sharing:
-            self._check_teacher_pool(size, tuple(teacher_size))
+        self.pooled_sharing = options.sharing == "pooled"
         # Built in a fixed order whatever the switches that follow, so paired ablations with the same
         # seed start from the same projector.
-        self.projector = Projector(student_channels, teacher_channels, tuple(student_size), size)
+        self.projector: Projector | PooledProjector
+        if self.pooled_sharing:
+            # F_T at the teacher's own size (what teacher.pool reads); φ works on the pooled vectors,
+            # whose widths are what each classifier reads.
+            self.feature_shape = (teacher_channels, *teacher_size)
+            self.projector = PooledProjector(student.classifier.in_features, teacher.classifier.in_features)
+        else:
+            size = common_size(tuple(student_size), tuple(teacher_size))
+            self.feature_shape = (teacher_channels, *size)  # φ's output, what F_T is compared with
+            if options.classifier_sharing:
+                self._check_teacher_pool(size, tuple(teacher_size))
+            self.projector = Projector(student_channels, teacher_channels, tuple(student_size), size)
         self.student_embedding: EmbeddingHead | None = None
         self.teacher_embedding: EmbeddingHead | None = None
         if options.mixdistribution:
@@ -199,8 +218,17 @@ class KD3(Method):
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _student_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(F_S, φ(F_S), z_S); z_S through the teacher's pool + classifier unless sharing is off."""
+        """(F_S, φ(F_S), z_S); z_S through the teacher's pool + classifier unless sharing is off.
+        With ``sharing: pooled`` the middle one is φ(pool_S(F_S)) and z_S = h_T of it."""
         student_map = self.student.features(x)
+        if self.pooled_sharing:
+            pooled = self.student.pool(student_map)
+            projected = self.projector(pooled)
+            if self.options.classifier_sharing:
+                logits = self.teacher.classifier(projected)
+            else:
+                logits = self.student.classifier(pooled)
+            return student_map, projected, logits
         projected = self.projector(student_map)
         if self.options.classifier_sharing:
             logits = shared_classifier_logits(self.teacher, projected)
@@ -300,8 +328,13 @@ class KD3(Method):
         x, teacher_map, teacher_logits = self.targets(batch)
         student_map, projected, student_logits = self._student_outputs(x)
         weights = self.weighting(student_logits, teacher_logits)
-        target = pool_to(teacher_map, self.projector.size).float()
-        per_image = (projected.float() - target).pow(2).mean(dim=(1, 2, 3))
+        if self.pooled_sharing:
+            with torch.no_grad():  # the teacher is frozen; a cached F_T is fp16
+                target = self.teacher.pool(teacher_map.to(self.teacher.classifier.weight.dtype)).float()
+            per_image = (projected.float() - target).pow(2).mean(dim=1)
+        else:
+            target = pool_to(teacher_map, self.projector.size).float()
+            per_image = (projected.float() - target).pow(2).mean(dim=(1, 2, 3))
         losses = {"wfa": (weights * per_image).mean()}
         if not options.classifier_sharing:
             losses["kd"] = kd_loss(student_logits, teacher_logits, options.kd_temperature)
@@ -346,6 +379,8 @@ class KD3(Method):
         if not self.options.classifier_sharing:
             probe = probe_input((2, *self.image_shape), next(self.student.parameters()).device)
             return used_copy(self.student, lambda net: net(probe))
+        if self.pooled_sharing:
+            return PooledSharedClassifierStudent(self.student, self.projector, self.teacher, self.image_shape)
         return SharedClassifierStudent(self.student, self.projector, self.teacher, self.image_shape,
                                        self.feature_shape)
 

@@ -40,3 +40,23 @@ class Projector(nn.Module):
         if self.pool_input:
             student_map = F.adaptive_avg_pool2d(student_map, self.size)
         return self.layers(student_map)
+
+
+class PooledProjector(nn.Module):
+    """φ for ``sharing: pooled``: the student's pooled vector (``student.pool(F_S)``, d_S wide) into
+    the teacher's (d_T, what ``teacher.classifier`` reads). Linear d_S→d_T/2, BN, ReLU; Linear
+    d_T/2→d_T, BN, ReLU (no bias: BN follows each): the map projector with its 3×3 conv, which has
+    no spatial extent to act on here, left out. The closing BN + ReLU put φ's output on the scale
+    and in the non-negative range of the vector it is aligned with and shares the classifier of
+    (GAP of a ReLU map, or LeNet's ReLU'd fc output)."""
+
+    def __init__(self, student_width: int, teacher_width: int):
+        super().__init__()
+        hidden = max(teacher_width // 2, 1)
+        self.layers = nn.Sequential(
+            nn.Linear(student_width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, teacher_width, bias=False), nn.BatchNorm1d(teacher_width), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled)
