@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> None:
     failed: list[str] = []
     if not args.tables_only:
         runs = plan_runs(spec, groups(spec, sweep=args.sweep, hard=args.hard), args.methods, args.seeds)
+        stamp = runner.run_stamp(command_line(args))  # before prepare rewrites the tracked context.json
         context = runner.prepare(spec, runs)
         # Each record names its teacher: runs cached with another teacher are run again, not tabled.
-        stamp = {**runner.run_stamp(command_line(args)), "teacher_sha256": context["teacher"]["sha256"]}
+        stamp["teacher_sha256"] = context["teacher"]["sha256"]
         bench = runner.Runner(spec.results_root, stamp, say=partial(print, flush=True))
         outcome = bench.run(runs, jobs=args.jobs)
         print(f"{outcome.ran} run, {outcome.reused} reused, {outcome.cached} cached, {len(outcome.failed)} failed")
