@@ -15,7 +15,7 @@ from kd3.bench import runner
 from kd3.bench.cli import add_bench_parser
 from kd3.bench.records import load_group
 from kd3.bench.runner import RunFailed, Runner, config_digest, resolved_config
-from kd3.bench.spec import groups, load_spec, plan_runs
+from kd3.bench.spec import ComparisonSpec, groups, load_spec, plan_runs
 from kd3.bench.tables import write_tables
 from kd3.config import ConfigError, save_config
 from kd3.data.contamination import pool_contamination
@@ -194,6 +194,25 @@ def test_tables_list_every_row_and_pair_differences_by_seed(spec):
     assert bars.stat().st_size > 1000
     title, columns, cells = printed[0]
     assert len(cells) == len(spec.rows) and all(len(c) == len(columns) for c in cells)
+
+
+def test_comparisons_pair_two_rows_by_seed_and_skip_rows_not_run(spec):
+    _run(spec, plan_runs(spec, groups(spec), ["blind_kd", "kd3", "oracle"]), FakeLaunch())
+    spec.comparisons = [ComparisonSpec(row="oracle", vs="kd3"), ComparisonSpec(row="kd3", vs="dafl")]
+    write_tables(spec)
+    # By hand: oracle − kd3 per seed = 0.07, 0.08, 0.07.
+    diffs = [o - k for o, k in zip(ACCURACY["oracle"], ACCURACY["kd3"])]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    page = (spec.results_root.parent / "digits-wild.md").read_text()
+    compared = page.split("Paired comparisons")[1].split("\n\n")[1].splitlines()
+    assert compared[2:] == [f"| oracle | kd3 | 3 | +{100 * mean:.2f} ± {100 * se:.2f} | +{mean / se:.1f} |"]  # dafl: not run
+
+
+def test_comparisons_must_name_two_different_trained_rows(tmp_path):
+    for pair in ("{row: teacher, vs: blind_kd}", "{row: kd3, vs: kd3}", "{row: kd3, vs: nowhere}"):
+        with pytest.raises(ConfigError):
+            load_spec("digits-wild", [f"results_dir={tmp_path}", f"comparisons=[{pair}]"])
 
 
 def test_sweep_reuses_the_main_tables_runs_and_writes_its_page(spec):

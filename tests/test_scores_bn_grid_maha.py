@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from kd3.data.augment import Normalizer
 from kd3.models.base import Net
-from kd3.scores import BASE_SCORES, FITTED_SCORES, TeacherOutputs, available_scores, compute_score, registry, resolve, teacher_outputs
+from kd3.scores import BASE_SCORES, FITTED_SCORES, TeacherOutputs, available_scores, compute_score, resolve, teacher_outputs
 from kd3.scores import outputs as outputs_module
 from kd3.scores.cache import SCORES_VERSION
 from kd3.scores.fitted import SEED_SCORE, seed_indices, seeded_mahalanobis
@@ -176,7 +176,7 @@ def test_wide_teachers_are_projected_to_a_fixed_width(monkeypatch):
 
 
 # -- the registry --------------------------------------------------------------------------------------
-def test_registry_name_seed_and_combinations(monkeypatch):
+def test_registry_name_seed_and_combinations():
     net, images = small_pool(40)
     outputs = teacher_outputs(net, images, IDENTITY)
     assert resolve("bn_grid_maha") == "bn_grid_maha" and "bn_grid_maha" in FITTED_SCORES
@@ -185,8 +185,8 @@ def test_registry_name_seed_and_combinations(monkeypatch):
     assert torch.equal(score, seeded_mahalanobis(outputs, compute_score(SEED_SCORE, outputs)))
     combined = compute_score("meanrank:bn_grid_maha+energy", outputs)
     assert combined.shape == (40,) and combined.min() > 0 and combined.max() <= 1
-    # Made the default, it still seeds from the fixed SEED_SCORE (no recursion, same numbers).
-    monkeypatch.setattr(registry, "DEFAULT_SCORE", "bn_grid_maha")
+    # As the default it still seeds from the fixed SEED_SCORE (no recursion, same numbers).
+    assert resolve("default") == "bn_grid_maha"
     assert torch.equal(compute_score("default", outputs), score)
 
 

@@ -42,6 +42,14 @@ class VariantSpec:
 
 
 @dataclass
+class ComparisonSpec:
+    """A paired difference worth its own line besides the one to the baseline: ``row`` − ``vs``."""
+
+    row: str = ""
+    vs: str = ""
+
+
+@dataclass
 class BenchSpec:
     name: str = ""
     rows: list[RowSpec] = field(default_factory=list)
@@ -51,6 +59,7 @@ class BenchSpec:
     runs_dir: str = "runs/bench"  # training run directories (checkpoints): <runs_dir>/<name>/
     sweep: SweepSpec | None = None
     hard: VariantSpec | None = None
+    comparisons: list[ComparisonSpec] = field(default_factory=list)
 
     @property
     def results_root(self) -> Path:
@@ -123,6 +132,9 @@ def _check(spec: BenchSpec) -> None:
         raise ConfigError(f"bench {spec.name}: exactly one row must have kind: teacher")
     if spec.row(spec.baseline).kind == "teacher":
         raise ConfigError(f"bench {spec.name}: the baseline must be a trained row")
+    for pair in spec.comparisons:
+        if spec.row(pair.row).kind == "teacher" or spec.row(pair.vs).kind == "teacher" or pair.row == pair.vs:
+            raise ConfigError(f"bench {spec.name}: comparison {pair.row} vs {pair.vs} needs two different trained rows")
     for variant in (spec.sweep, spec.hard):
         for name in variant.rows if variant else ():
             if spec.row(name).kind == "teacher":

@@ -235,13 +235,32 @@ class Section:
         self.pools |= other.pools
 
 
+COMPARISON_COLUMNS = ["row", "vs", "paired seeds", "Δ (± SE), points", "Δ / SE"]
+
+
+def comparison_cells(spec: BenchSpec, rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The spec's extra paired differences among ``rows`` (pairs with a row missing are left out)."""
+    by_name = {r["name"]: r for r in rows}
+    cells = []
+    for pair in spec.comparisons:
+        if pair.row not in by_name or pair.vs not in by_name:
+            continue
+        diff, se, count = paired_difference(by_name[pair.row]["test_acc"], by_name[pair.vs]["test_acc"])
+        if count:
+            cells.append([pair.row, pair.vs, str(count), _diff({"diff": diff, "diff_se": se}),
+                          f"{diff / se:+.1f}" if _ok(se) and se > 0 else ""])
+    return cells
+
+
 def _table_section(spec: BenchSpec, group: str, names: list[str], seeds: list[int], context: dict[str, Any],
                    title: str) -> Section:
-    """A full table (the main one, or the hard variant's)."""
+    """A full table (the main one, or the hard variant's), and the spec's paired comparisons in it."""
     rows, records = group_rows(spec, group, names, seeds, context)
     columns, cells = table_columns(spec.baseline), [table_cells(r) for r in rows]
-    return Section(lines=[f"## {title}", "", *markdown_table(columns, cells), ""],
-                   printable=[(title, columns, cells)], groups={group: rows}, records=records,
+    lines = [f"## {title}", "", *markdown_table(columns, cells), ""]
+    if pairs := comparison_cells(spec, rows):
+        lines += ["Paired comparisons (same seeds, same test images):", "", *markdown_table(COMPARISON_COLUMNS, pairs), ""]
+    return Section(lines=lines, printable=[(title, columns, cells)], groups={group: rows}, records=records,
                    pools={group: pool_composition(context.get("pools", {}).get(group))})
 
 

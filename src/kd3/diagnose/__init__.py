@@ -20,8 +20,8 @@ from kd3.diagnose.report import write_report
 from kd3.scores import DEFAULT_SCORE, available_scores, cached_teacher_outputs, resolve
 from kd3.teacher import load_teacher
 
-# Reported next to the default: the calibration's pick (issue 6), to check its figures.
-REFERENCE_SCORES = ("minrank:feature_norm+bn_meanlogvar_late",)
+# Reported next to the default: the calibration's pick and issue 6's default, to check their figures.
+REFERENCE_SCORES = ("minrank:feature_norm+bn_meanlogvar_late", "meanrank:energy+bn_mean_all")
 
 
 @dataclass
