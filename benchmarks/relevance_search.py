@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd3.bench.runner import cpu_model
 from kd3.data.augment import Normalizer
 from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import group_aurocs, precision_recall, top_fraction
@@ -351,22 +351,12 @@ are recomputed once; every existing score gives bit-identical numbers (checked o
 """
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(results: list[dict], command: str, seconds: float,
              seeds: list[tuple[int, dict[str, tuple[float, float]]]]) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "src/kd3/scores", "benchmarks/relevance_search.py"],
                            capture_output=True, text=True).stdout.strip()
-    machine = f"{os.cpu_count()} cores, {_cpu_name()}, {torch.get_num_threads()} torch thread(s), " \
+    machine = f"{os.cpu_count()} cores, {cpu_model()}, {torch.get_num_threads()} torch thread(s), " \
               f"torch {torch.__version__}, CPU only"
     out = ["# Relevance scores that fail less (issue 11, item 3)", "",
            f"Command: `{command}`  ", f"Commit: {commit}{' (+ uncommitted changes to the score code)' if dirty else ''}  ",

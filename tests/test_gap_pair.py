@@ -16,7 +16,7 @@ from kd3.methods.kd3 import KD3Options
 from kd3.methods.kd3.deploy import PooledSharedClassifierStudent
 from kd3.methods.kd3.projector import PooledProjector, Projector
 from kd3.models import create_model
-from test_kd3_method import FlattenNet, GapNet, build, confident, train_steps
+from test_kd3_method import FlattenNet, GapNet, build, confident, deployable_after_training, train_steps
 
 
 def multiply_adds(net: nn.Module, x: torch.Tensor) -> int:
@@ -142,13 +142,9 @@ def test_pooled_sharing_works_where_the_map_is_too_small_for_the_teachers_pool()
 def test_pooled_deployable_equals_training_time_logits_and_exports(student_cls, tmp_path):
     method = pooled_method() if student_cls is GapNet else build(
         teacher=confident(FlattenNet(8)), student=FlattenNet(4), sharing="pooled")
-    train_steps(method, steps=2)
-    method.eval()
-    x = torch.randn(6, 1, 8, 8)
+    x, expected, deployed = deployable_after_training(method)
+    assert isinstance(deployed, PooledSharedClassifierStudent)
     with torch.no_grad():
-        expected = method._student_outputs(x)[2]
-        deployed = method.deployable()
-        assert isinstance(deployed, PooledSharedClassifierStudent)
         assert torch.equal(deployed(x), expected)
     assert not any(p.requires_grad for p in deployed.parameters())
     # Student backbone + its pool + φ + the teacher's classifier; nothing else of the teacher.

@@ -240,16 +240,22 @@ def test_teacher_contrastive_off_leaves_student_bit_identical():
     assert "ia_teacher" not in off.epoch_metrics()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated in torch 2.9+, still what kd3 exports with
-@pytest.mark.parametrize("teacher_cls, student_cls", [(GapNet, GapNet), (FlattenNet, FlattenNet)])
-def test_deployable_equals_training_time_logits(teacher_cls, student_cls):
-    method = build(teacher=confident(teacher_cls(8)), student=student_cls(4))
+def deployable_after_training(method: KD3) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Two training steps, then (inputs, the training-time student logits on them, the deployable),
+    for tests that check the deployable computes exactly those logits."""
     train_steps(method, steps=2)
     method.eval()
     x = torch.randn(6, 1, 8, 8)
     with torch.no_grad():
-        expected = method._student_outputs(x)[2]
-        deployed = method.deployable()
+        return x, method._student_outputs(x)[2], method.deployable()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated in torch 2.9+, still what kd3 exports with
+@pytest.mark.parametrize("teacher_cls, student_cls", [(GapNet, GapNet), (FlattenNet, FlattenNet)])
+def test_deployable_equals_training_time_logits(teacher_cls, student_cls):
+    method = build(teacher=confident(teacher_cls(8)), student=student_cls(4))
+    x, expected, deployed = deployable_after_training(method)
+    with torch.no_grad():
         assert torch.equal(deployed(x), expected)
         assert torch.equal(torch.jit.trace(deployed, x)(x), expected)
     assert not any(p.requires_grad for p in deployed.parameters())

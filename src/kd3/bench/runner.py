@@ -144,7 +144,8 @@ def summarise(run: Run, cfg: DistillConfig, run_dir: Path, process_time: float, 
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none), for the machine line."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -169,7 +170,7 @@ def run_stamp(command: str) -> dict[str, Any]:
         commit += "+dirty"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"commit": commit, "bench_command": command,
-            "machine": {"cores": os.cpu_count(), "cpu": _cpu_model(), "gpu": gpu, "torch": torch.__version__}}
+            "machine": {"cores": os.cpu_count(), "cpu": cpu_model(), "gpu": gpu, "torch": torch.__version__}}
 
 
 def prepare(spec: BenchSpec, runs: list[Run]) -> dict[str, Any]:
