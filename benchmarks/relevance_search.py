@@ -37,6 +37,7 @@ from kd3.methods.kd3.selection import percentile_select
 from kd3.paths import cache_dir
 from kd3.scores import TeacherOutputs, cached_teacher_outputs, compute_score, fitted, percentile_ranks, teacher_outputs
 from kd3.scores.outputs import BN_GRID
+from kd3.scores.ranks import mean_rank
 from kd3.teacher import load_teacher
 
 POOLS = [  # (label, builder, variant, size, teacher)
@@ -124,6 +125,24 @@ def flip_agreement(net: torch.nn.Module, images: torch.Tensor, normalize: Normal
         flipped = torch.cat([net(normalize(images[i:i + 1024].flip(3))).float() for i in range(0, len(images), 1024)])
     p, q = torch.log_softmax(o.logits, 1), torch.log_softmax(flipped, 1)
     return -(p.exp() * (p - q)).sum(1).double()
+
+
+def per_layer_ensemble(net: torch.nn.Module, o: TeacherOutputs) -> torch.Tensor:
+    """Lee et al.'s feature ensemble: the pick's fit on each BatchNorm layer's own 2×2-grid block, the
+    layers' scores combined by mean percentile rank (instead of one Gaussian on all blocks at once)."""
+    widths = [m.num_features * BN_GRID * BN_GRID for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seed = _seed(o)
+    return mean_rank([maha_on(block, o, seed) for block in o.bn_grid.double().split(widths, dim=1)])
+
+
+def flip_averaged(net: torch.nn.Module, images: torch.Tensor, normalize: Normalizer,
+                  o: TeacherOutputs) -> torch.Tensor:
+    """The pick on bn_grid averaged over the image and its mirror (a second teacher pass): agreement
+    across augmented views, as a test-time average of the features the Gaussians see."""
+    mirrored = teacher_outputs(net, images.flip(3), normalize)
+    averaged = TeacherOutputs(o.logits, o.feature_l2, o.feature_l1, o.bn_distances, o.bn_layers,
+                              (o.bn_grid.double() + mirrored.bn_grid.double()) / 2)
+    return maha_on(averaged.bn_grid, averaged, _seed(o))
 
 
 def inversion_invariant(net: torch.nn.Module, images: torch.Tensor, normalize: Normalizer,
@@ -240,6 +259,10 @@ def candidates(net, images, normalize) -> list[tuple[str, str, Callable[[Teacher
          lambda o: knn_to_seed(o, _seed(o))),
         ("flip agreement", "−KL between the teacher's clean and mirrored predictions (one more pass)",
          lambda o: flip_agreement(net, images, normalize, o)),
+        ("maha, per-layer ensemble", "the pick's fit per BatchNorm layer, mean percentile rank over layers "
+         "(Lee et al.'s feature ensemble)", lambda o: per_layer_ensemble(net, o)),
+        ("maha, flip-averaged features", "the pick on bn_grid averaged over the image and its mirror (a second "
+         "teacher pass)", lambda o: flip_averaged(net, images, normalize, o)),
         ("(exploratory) pick, inversion-invariant", "max of the pick on the image and, with the same Gaussians, "
          "on its negative 255 − x (a second teacher pass). NOT eligible: the inverted view answers the hard "
          "variant's negatives, known from the issue, not from fashion-wild", lambda o: inversion_invariant(
