@@ -179,7 +179,7 @@ def test_pooled_sharing_off_ships_the_student_itself():
 # -- configs -----------------------------------------------------------------------------------------
 def test_gap_configs_keep_the_fashion_wild_budget_and_specs_load():
     lenet = load_config(DistillConfig, "configs/fashion-wild/blind_kd.yaml")
-    for row in ("blind_kd", "oracle", "kd3", "dfnd-relevance"):
+    for row in ("blind_kd", "oracle", "kd3", "dfnd-relevance", "recommended"):
         config = load_config(DistillConfig, f"configs/fashion-wild-gap/{row}.yaml")
         assert config.student == "cnn_small_half_bn"
         assert config.teacher.checkpoint == "{cache}/teachers/fashion-cnn_small_bn.pt"
@@ -191,7 +191,13 @@ def test_gap_configs_keep_the_fashion_wild_budget_and_specs_load():
     recipe = load_config(TeacherTrainConfig, "configs/teachers/fashion-cnn_small_bn.yaml")
     assert recipe.model == "cnn_small_bn" and recipe.output == "{cache}/teachers/fashion-cnn_small_bn.pt"
     gap = load_spec("fashion-wild-gap")
-    assert [r.name for r in gap.rows] == ["teacher", "oracle", "blind_kd", "kd3", "kd3-no-sharing", "dfnd-relevance"]
+    assert [r.name for r in gap.rows] == ["teacher", "oracle", "blind_kd", "kd3", "kd3-no-sharing", "dfnd-relevance",
+                                          "recommended"]
+    # The recommended recipe runs here and on digits-wild exactly as chosen on fashion-wild's LeNet pair.
+    chosen = load_config(DistillConfig, "configs/fashion-wild/recommended.yaml").method
+    assert chosen["score"] == "bn_grid_maha"
+    for pool in ("fashion-wild-gap", "digits-wild"):
+        assert load_config(DistillConfig, f"configs/{pool}/recommended.yaml").method == chosen
     assert gap.seeds == [0, 1, 2, 3, 4] and gap.row("kd3-no-sharing").overrides == ["method.classifier_sharing=false"]
     sharing = load_spec("fashion-wild-sharing")
     assert sharing.row("kd3-pooled").overrides == ["method.sharing=pooled"]
