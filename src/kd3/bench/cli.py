@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     failed: list[str] = []
     if not args.tables_only:
         runs = plan_runs(spec, groups(spec, sweep=args.sweep, hard=args.hard), args.methods, args.seeds)
-        stamp = runner.run_stamp(command_line(args))  # before prepare rewrites the tracked context.json
+        stamp = runner.run_stamp(command_line(args), spec.results_dir)
         context = runner.prepare(spec, runs)
         # Each record names its teacher: runs cached with another teacher are run again, not tabled.
         stamp["teacher_sha256"] = context["teacher"]["sha256"]

@@ -160,13 +160,14 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def run_stamp(command: str) -> dict[str, Any]:
+def run_stamp(command: str, results_dir: str = "results") -> dict[str, Any]:
     """What every record notes about where it came from: commit (+dirty when tracked files
-    differ from it), the bench command, the machine."""
+    differ from it, the benches' own outputs under ``results_dir`` aside: an earlier bench of the
+    same checkout rewrites those, not the code), the bench command, the machine."""
     import torch
 
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no"):
+    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){results_dir}"):
         commit += "+dirty"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"commit": commit, "bench_command": command,
