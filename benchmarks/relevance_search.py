@@ -339,14 +339,22 @@ FINDINGS = """## What this shows
   failures, not on fashion-wild), and is reported only to size the problem. MNIST-M-style blends (0.69)
   are the other hard-variant failure.
 - **Letters (digits-wild): no better.** The seed is the problem there: issue 6's score's top 5 % is only 75 %
-  relevant, 123 of its 500 images are letters and 5 are UCI digits, so the fitted Gaussians take printed
-  letters as in-distribution and UCI scans as not (letters 0.58, UCI digits vs junk 0.79). A 10 % seed
-  happens to give 0.914 on digits-wild but is worse on fashion-wild (0.940) and hard (0.791): choosing it
-  would be tuning on digits-wild, so it is not the pick. P@30 on digits-wild does not improve (0.582 vs
-  0.587); Pc@30, KD³'s rule, does (0.649 vs 0.617).
+  relevant, 126 of its 500 images are letters and 2 are UCI digits, so the fitted Gaussians take printed
+  letters as in-distribution and UCI scans as not (letters 0.55, UCI digits vs junk 0.76). A 10 % seed
+  happens to give 0.931 on digits-wild but is worse on fashion-wild (0.940) and hard (0.791): choosing it
+  would be tuning on digits-wild, so it is not the pick. P@30 on digits-wild is *lower* than issue 6's
+  (0.534 vs 0.588), which is what DFND's global top 30 % keeps; Pc@30, KD³'s rule, is higher (0.649 vs
+  0.617). (The digits-wild teacher here, sha256 fb1d11e05fd5, is the one the digits-wild bench of
+  results/digits-wild.md used; an earlier session's teacher, 7764e38b2958, gave 0.861 / 0.803.)
+- **Still short of 0.90 with the pick as the default** (issue 11's target for the default score):
+  0.953 / 0.805 / 0.849 against issue 6's 0.840 / 0.785 / 0.831.
 
 ## Tried and dropped (all judged on fashion-wild)
 
+- A per-BatchNorm-layer ensemble of the pick's fit (Lee et al.; mean percentile rank over layers): 0.954 on
+  fashion-wild against the pick's 0.953, inside the pool-to-pool spread (0.953–0.965 over three pool draws), so
+  not adopted; reported on the other pools above (0.811, 0.857) without having been chosen on them.
+- Flip-averaged features (the pick on bn_grid averaged over the image and its mirror): 0.897, lower.
 - Self-training rounds (re-seeding from the fitted score's own top 5 %): lower at round 2 on fashion-wild
   (0.943), and in earlier exploration (per-channel means, 10 % per-class seed) falling round after
   round: 0.881, 0.846, 0.780, 0.705: the seed

@@ -31,7 +31,7 @@ ScoreFn = Callable[[TeacherOutputs], torch.Tensor]
 # there (two other draws of the pool: 0.965, 0.960) against 0.840 for issue 6's default
 # meanrank:energy+bn_mean_all, which stays its seed (fitted.SEED_SCORE); configs that measured
 # issue 6's score name it in full.
-# Reported unchanged, untuned: hard variant 0.805 (issue 6's 0.785), digits-wild 0.861 (0.803); see
+# Reported unchanged, untuned: hard variant 0.805 (issue 6's 0.785), digits-wild 0.849 (0.831); see
 # results/relevance.md. `kd3 data diagnose` shows it next to every other score.
 DEFAULT_SCORE = "bn_grid_maha"
 
