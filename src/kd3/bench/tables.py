@@ -99,10 +99,15 @@ def _accuracy(row: dict[str, Any]) -> str:
     return _pct(row["mean"], row["std"]) or "not run"
 
 
-def _diff(row: dict[str, Any]) -> str:
-    if not _ok(row["diff"]):
+def _signed(diff: float, se: float) -> str:
+    """A paired difference in points, ± its SE where there is one."""
+    if not _ok(diff):
         return ""
-    return f"{100 * row['diff']:+.2f} ± {100 * row['diff_se']:.2f}" if _ok(row["diff_se"]) else f"{100 * row['diff']:+.2f}"
+    return f"{100 * diff:+.2f} ± {100 * se:.2f}" if _ok(se) else f"{100 * diff:+.2f}"
+
+
+def _diff(row: dict[str, Any]) -> str:
+    return _signed(row["diff"], row["diff_se"])
 
 
 def _number(value: float, digits: int = 0) -> str:
@@ -247,7 +252,7 @@ def comparison_cells(spec: BenchSpec, rows: list[dict[str, Any]]) -> list[list[s
             continue
         diff, se, count = paired_difference(by_name[pair.row]["test_acc"], by_name[pair.vs]["test_acc"])
         if count:
-            cells.append([pair.row, pair.vs, str(count), _diff({"diff": diff, "diff_se": se}),
+            cells.append([pair.row, pair.vs, str(count), _signed(diff, se),
                           f"{diff / se:+.1f}" if _ok(se) and se > 0 else ""])
     return cells
 
