@@ -75,7 +75,7 @@ def test_specs_expand_into_the_protocol_runs():
     fashion = load_spec("fashion-wild")
     assert [r.name for r in fashion.rows] == [
         "teacher", "supervised", "kd-original", "oracle", "blind_kd", "dfnd", "dafl", "deepinversion", "kd3",
-        "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution",
+        "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution", "kd3-pooled",
         "kd3-relevance", "kd3-relevance-bn_mean_all", "dfnd-relevance", "dfnd-relevance-bn_mean_all",
         "kd3-relevance-no-sharing", "dfnd-relevance-no-noise", "dfnd-grid", "kd3-grid-no-sharing", "recommended"]
     assert {r.name: r.kind for r in fashion.rows if r.kind != "method"} == {

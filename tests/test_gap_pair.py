@@ -199,5 +199,5 @@ def test_gap_configs_keep_the_fashion_wild_budget_and_specs_load():
     for pool in ("fashion-wild-gap", "digits-wild"):
         assert load_config(DistillConfig, f"configs/{pool}/recommended.yaml").method == chosen
     assert gap.seeds == [0, 1, 2, 3, 4] and gap.row("kd3-no-sharing").overrides == ["method.classifier_sharing=false"]
-    sharing = load_spec("fashion-wild-sharing")
-    assert sharing.row("kd3-pooled").overrides == ["method.sharing=pooled"]
+    lenet_spec = load_spec("fashion-wild")
+    assert lenet_spec.row("kd3-pooled").overrides == ["method.sharing=pooled"]
