@@ -3,12 +3,14 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from baseline_nets import BNNet, IntensityTeacher, assert_same_tensors, make_context, snapshot, train_epochs
 from kd3.data.augment import Normalizer
 from kd3.methods.base import Batch, get_method
 from kd3.methods.dfnd import DFND, DFNDOptions, NoiseAdaptation
 from kd3.methods.losses import kd_loss
+from kd3.models.base import Net
 
 
 def bright_pool(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,3 +166,38 @@ def test_dfnd_batchnorm_score_ranks_by_the_registry_value():
     kept = method.begin_epoch(0).indices
     score = compute_score("minrank:energy+bn_meanlogvar_late", teacher_outputs(ctx.teacher, ctx.images, ctx.normalize))
     assert set(kept.tolist()) == set(torch.sort(-score, stable=True).indices[:10].tolist())
+
+
+class BandTeacher(Net):
+    """Logit k = 5 × the mean intensity of the image's k-th horizontal band: random images spread
+    over all three classes, with confidences that differ from image to image."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_channels = 3
+        self.classifier = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.classifier.weight.copy_(5 * torch.eye(3))
+            self.classifier.bias.zero_()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        bands = x[:, :, : x.shape[2] // 3 * 3].unflatten(2, (3, -1))  # N×C×3×(H/3)×W
+        return bands.mean(dim=(1, 3, 4))[:, :, None, None]
+
+
+def test_dfnd_per_class_keeps_each_predicted_class_its_most_confident_share():
+    from baseline_nets import random_images
+    images = random_images(60, seed=4)
+    teacher = BandTeacher()
+    ctx = make_context(teacher, images)
+    logits = teacher(ctx.normalize(images))
+    labels = logits.argmax(dim=1)
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    counts = torch.bincount(labels, minlength=3)
+    assert counts.min() >= 6  # every class can fill its share of 18 / 3 = 6
+    kept = DFND(BNNet(), ctx, DFNDOptions(keep=18, per_class=True)).begin_epoch(0).indices
+    expected = torch.cat([members[torch.argsort(ce[members])[:6]]
+                          for members in ((labels == k).nonzero().flatten() for k in range(3))])
+    assert kept.tolist() == sorted(expected.tolist())
+    global_top = set(torch.argsort(ce)[:18].tolist())
+    assert set(kept.tolist()) != global_top  # the classes' shares differ from the global top 18 here

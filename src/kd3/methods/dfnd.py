@@ -11,7 +11,10 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    and only the logged score differs. Any other ``kd3.scores`` name (``energy``, ``feature_norm``,
    ``bn_meanlogvar_late``, ``minrank:...``, ``default``, ...) keeps the N images with the highest
    relevance score instead (logged negated, so lower = kept first for every option). All scores
-   come from one teacher pass on clean views (``kd3.scores.teacher_outputs``).
+   come from one teacher pass on clean views (``kd3.scores.teacher_outputs``). With ``per_class``
+   each teacher-predicted class keeps the first-ranked of its own images up to an equal share of
+   the budget (``percentile_select``, KD³'s class-adaptive rule), so a class that absorbs the
+   pool's junk cannot crowd the others out.
 2. **Training** on the kept images with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
@@ -43,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd3.data.mixing import Mixing
 from kd3.data.storage import take
 from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_method
+from kd3.methods.kd3.selection import percentile_select
 from kd3.methods.losses import kd_loss
-from kd3.methods.teacher_outputs import TeacherLogits
+from kd3.methods.teacher_outputs import TeacherLogits, check_mixing
 from kd3.models.base import Net
 from kd3.scores import compute_score, resolve, teacher_outputs
 
@@ -55,11 +60,14 @@ from kd3.scores import compute_score, resolve, teacher_outputs
 class DFNDOptions:
     keep: int | None = None  # number of pool images kept; overrides keep_fraction
     keep_fraction: float = 0.3  # share of the pool kept when keep is not set
+    per_class: bool = False  # each teacher-predicted class keeps its equal share of the budget (KD³'s percentile rule)
     score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
     noise_weight: float = 1.0  # weight of the noise-adaptation term (released code: 1)
     teacher_accuracy: float | None = None  # diagonal of Q; None estimates it from the kept images
     teacher_views: int = 8  # fixed augmented views with cached teacher logits; 0 runs the teacher every step
+    mix: str = "none"  # none | mixup | cutmix among the kept images (kd3.data.mixing; needs teacher_views: 0)
+    mix_alpha: float = 1.0  # Beta(α, α) of the mixing weight
 
 
 def check_score(score: str) -> None:
@@ -123,6 +131,8 @@ class DFND(Method):
         super().__init__(student, ctx, options)
         self.teacher  # noqa: B018  (fails early, with a clear message, when the run has no teacher)
         check_score(options.score)
+        self.mixing = Mixing(options.mix, options.mix_alpha)
+        check_mixing(self.mixing, options.teacher_views)  # now, not after the selection pass
         if options.keep is None and not 0.0 < options.keep_fraction <= 1.0:
             raise ValueError(f"DFND keep_fraction must lie in (0, 1], got {options.keep_fraction}")
         if options.keep is not None and options.keep < 1:
@@ -144,8 +154,12 @@ class DFND(Method):
 
     def select(self) -> None:
         scores, confidence, labels = teacher_scores(self.ctx, self.options.score)
-        order = torch.sort(scores, stable=True).indices[: self.keep_count()]
-        self.kept = order.sort().values
+        if self.options.per_class:
+            # percentile_select keeps the highest scores; DFND's ranking is lower = kept first.
+            self.kept = percentile_select(-scores, labels, self.ctx.num_classes, keep_fraction=1.0,
+                                          budget=self.keep_count()).indices
+        else:
+            self.kept = torch.sort(scores, stable=True).indices[: self.keep_count()].sort().values
         self.kept_scores = scores[self.kept]
         self.kept_labels = labels[self.kept]
         if self.options.teacher_accuracy is not None:
@@ -159,7 +173,7 @@ class DFND(Method):
     def _prepare_training_views(self) -> None:
         assert self.kept is not None
         sub_ctx = dataclasses.replace(self.ctx, images=take(self.ctx.images, self.kept))
-        self._teacher_logits = TeacherLogits(sub_ctx, self.options.teacher_views)
+        self._teacher_logits = TeacherLogits(sub_ctx, self.options.teacher_views, self.mixing)
         self._position = torch.full((self.ctx.pool_size,), -1, dtype=torch.long)
         self._position[self.kept] = torch.arange(len(self.kept))
 

@@ -7,9 +7,16 @@ from __future__ import annotations
 import torch
 
 from kd3.data.augment import FixedViews
+from kd3.data.mixing import Mixing
 from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext
 from kd3.utils.progress import progress
+
+
+def check_mixing(mixing: Mixing, num_views: int) -> None:
+    if mixing.active and num_views > 0:
+        raise ValueError(f"mix={mixing.kind!r} runs the teacher on every mixed batch, so cached teacher "
+                         f"views cannot be used: set teacher_views: 0 (got {num_views})")
 
 
 class TeacherLogits:
@@ -17,12 +24,15 @@ class TeacherLogits:
 
     With ``num_views > 0`` the teacher runs once over K fixed augmented views of the whole pool
     (lazily, on first use) and each step draws one cached view per image; with 0 the teacher
-    runs on a fresh random augmentation every step.
+    runs on a fresh random augmentation every step. With ``mixing`` active the teacher runs every
+    step on the mixed batch (the student's exact input), so it requires ``num_views = 0``.
     """
 
-    def __init__(self, ctx: DistillContext, num_views: int):
+    def __init__(self, ctx: DistillContext, num_views: int, mixing: Mixing = Mixing()):
+        check_mixing(mixing, num_views)
         self.ctx = ctx
         self.num_views = num_views
+        self.mixing = mixing
         self.views = FixedViews(ctx.pool_size, num_views, ctx.augment, seed=ctx.seed) if num_views > 0 else None
         self.cache: torch.Tensor | None = None
 
@@ -45,7 +55,7 @@ class TeacherLogits:
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.ctx
         if self.views is None:
-            x = ctx.normalize(ctx.augment(batch.images))
+            x = self.mixing(ctx.normalize(ctx.augment(batch.images)))
             with torch.no_grad():
                 return x, ctx.teacher(x)
         if self.cache is None:

@@ -57,10 +57,10 @@ def keep_budget(pool_size: int, keep_fraction: float) -> int:
 
 
 def percentile_select(score: torch.Tensor, prediction: torch.Tensor, num_classes: int,
-                      keep_fraction: float) -> Selection:
+                      keep_fraction: float, budget: int | None = None) -> Selection:
     """Class-adaptive thresholds restated on within-class percentiles, under a global budget.
 
-    The budget is B = floor(keep_fraction · N) images, and every class gets the same share of it:
+    The budget is B = floor(keep_fraction · N) images (or ``budget`` when given), and every class gets the same share of it:
     class k (n_k images predicted as k) keeps its quota_k = min(n_k, floor(B / K)) highest-scoring
     images (ties to the lower pool index), K = ``num_classes``. So at most B images are kept
     (K · floor(B/K) ≤ B, less when some classes are too small to use their share). τ_k is class k's
@@ -77,7 +77,8 @@ def percentile_select(score: torch.Tensor, prediction: torch.Tensor, num_classes
     class-dependent score scales (feature norms, energies).
     """
     predicted = torch.bincount(prediction, minlength=num_classes)
-    quota = predicted.clamp(max=keep_budget(len(score), keep_fraction) // num_classes)
+    budget = keep_budget(len(score), keep_fraction) if budget is None else budget
+    quota = predicted.clamp(max=budget // num_classes)
     # Order by class, then by descending score within the class (both sorts stable).
     order = torch.sort(score.double(), descending=True, stable=True).indices
     order = order[torch.sort(prediction[order], stable=True).indices]
