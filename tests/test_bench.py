@@ -78,7 +78,7 @@ def test_specs_expand_into_the_protocol_runs():
         "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution", "kd3-pooled",
         "kd3-relevance", "kd3-relevance-bn_mean_all", "dfnd-relevance", "dfnd-relevance-bn_mean_all",
         "kd3-relevance-no-sharing", "dfnd-relevance-no-noise", "dfnd-grid", "kd3-grid-no-sharing", "recommended",
-        "recommended-per-class", "recommended-mixup", "blind_kd-mixup"]
+        "recommended-per-class", "recommended-mixup", "blind_kd-mixup", "recommended-views0", "blind_kd-views0"]
     assert {r.name: r.kind for r in fashion.rows if r.kind != "method"} == {
         "teacher": "teacher", "supervised": "reference", "kd-original": "reference", "oracle": "oracle"}
     main = plan_runs(fashion, groups(fashion))
