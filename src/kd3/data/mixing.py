@@ -4,7 +4,9 @@ Beyer et al., "Knowledge distillation: A good teacher is patient and consistent"
 when the teacher sees exactly the student's input ("function matching"), aggressive mixing of
 the training images is what lets distillation on few or off-domain images go on improving. The
 target is the teacher's output on the mixed image, so no label arithmetic is needed and any
-pool, labelled or not, can be mixed.
+pool, labelled or not, can be mixed. Their schedules are long (thousands of epochs); on kd3's
+20-epoch fashion-wild benchmark mixup costs accuracy (rows ``*-mixup`` of results/fashion-wild.md),
+so no shipped recipe mixes.
 
 Each image is mixed with another image of the same batch (a random permutation), with its own
 mixing weight λ ~ Beta(α, α): mixup blends the two images, CutMix pastes a box of the partner
