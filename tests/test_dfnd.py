@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baseline_nets import BNNet, IntensityTeacher, assert_same_tensors, make_context, snapshot, train_epochs
+from baseline_nets import BNNet, IntensityTeacher, assert_same_tensors, make_context, random_images, snapshot, train_epochs
 from kd3.data.augment import Normalizer
 from kd3.methods.base import Batch, get_method
 from kd3.methods.dfnd import DFND, DFNDOptions, NoiseAdaptation
@@ -157,7 +157,6 @@ def test_dfnd_keeps_the_top_n_of_a_relevance_score():
 
 
 def test_dfnd_batchnorm_score_ranks_by_the_registry_value():
-    from baseline_nets import random_images
     from kd3.scores import compute_score, teacher_outputs
 
     torch.manual_seed(0)
@@ -186,7 +185,6 @@ class BandTeacher(Net):
 
 
 def test_dfnd_per_class_keeps_each_predicted_class_its_most_confident_share():
-    from baseline_nets import random_images
     images = random_images(60, seed=4)
     teacher = BandTeacher()
     ctx = make_context(teacher, images)

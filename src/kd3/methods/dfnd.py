@@ -13,7 +13,7 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    relevance score instead (logged negated, so lower = kept first for every option). All scores
    come from one teacher pass on clean views (``kd3.scores.teacher_outputs``). With ``per_class``
    each teacher-predicted class keeps the first-ranked of its own images up to an equal share of
-   the budget (``percentile_select``, KD³'s class-adaptive rule), so a class that absorbs the
+   the budget (``percentile_select_count``, KD³'s class-adaptive rule), so a class that absorbs the
    pool's junk cannot crowd the others out.
 2. **Training** on the kept images with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
@@ -49,7 +49,7 @@ from torch import nn
 from kd3.data.mixing import Mixing
 from kd3.data.storage import take
 from kd3.methods.base import Batch, DistillContext, EpochPlan, Method, register_method
-from kd3.methods.kd3.selection import percentile_select
+from kd3.methods.kd3.selection import percentile_select_count
 from kd3.methods.losses import kd_loss
 from kd3.methods.teacher_outputs import TeacherLogits, check_mixing
 from kd3.models.base import Net
@@ -155,9 +155,8 @@ class DFND(Method):
     def select(self) -> None:
         scores, confidence, labels = teacher_scores(self.ctx, self.options.score)
         if self.options.per_class:
-            # percentile_select keeps the highest scores; DFND's ranking is lower = kept first.
-            self.kept = percentile_select(-scores, labels, self.ctx.num_classes, keep_fraction=1.0,
-                                          budget=self.keep_count()).indices
+            # percentile_select_count keeps the highest scores; DFND's ranking is lower = kept first.
+            self.kept = percentile_select_count(-scores, labels, self.ctx.num_classes, self.keep_count()).indices
         else:
             self.kept = torch.sort(scores, stable=True).indices[: self.keep_count()].sort().values
         self.kept_scores = scores[self.kept]

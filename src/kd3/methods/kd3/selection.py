@@ -57,10 +57,10 @@ def keep_budget(pool_size: int, keep_fraction: float) -> int:
 
 
 def percentile_select(score: torch.Tensor, prediction: torch.Tensor, num_classes: int,
-                      keep_fraction: float, budget: int | None = None) -> Selection:
+                      keep_fraction: float) -> Selection:
     """Class-adaptive thresholds restated on within-class percentiles, under a global budget.
 
-    The budget is B = floor(keep_fraction · N) images (or ``budget`` when given), and every class gets the same share of it:
+    The budget is B = floor(keep_fraction · N) images, and every class gets the same share of it:
     class k (n_k images predicted as k) keeps its quota_k = min(n_k, floor(B / K)) highest-scoring
     images (ties to the lower pool index), K = ``num_classes``. So at most B images are kept
     (K · floor(B/K) ≤ B, less when some classes are too small to use their share). τ_k is class k's
@@ -76,8 +76,13 @@ def percentile_select(score: torch.Tensor, prediction: torch.Tensor, num_classes
     balanced over the teacher's classes. Comparing scores only within a class also removes
     class-dependent score scales (feature norms, energies).
     """
+    return percentile_select_count(score, prediction, num_classes, keep_budget(len(score), keep_fraction))
+
+
+def percentile_select_count(score: torch.Tensor, prediction: torch.Tensor, num_classes: int,
+                            budget: int) -> Selection:
+    """``percentile_select`` with the budget B given as a number of images."""
     predicted = torch.bincount(prediction, minlength=num_classes)
-    budget = keep_budget(len(score), keep_fraction) if budget is None else budget
     quota = predicted.clamp(max=budget // num_classes)
     # Order by class, then by descending score within the class (both sorts stable).
     order = torch.sort(score.double(), descending=True, stable=True).indices
