@@ -12,11 +12,16 @@ from typing import Any
 from kd3.engine import checkpoint
 from kd3.models import create_model
 from kd3.models.base import Net
+from kd3.preprocessing import Preprocessing
 from kd3.utils.safe_load import refuse_unsafe
 
 
 @dataclass
 class TeacherInfo:
+    """A teacher's record. ``mean``/``std`` are per channel in [0, 1] units (images are divided by 255
+    first); ``data`` names what it was trained on (``imported:...`` for a teacher brought with
+    ``kd3 teacher import``); accuracies are fractions in [0, 1], NaN when unknown."""
+
     arch: str
     num_classes: int
     in_channels: int
@@ -29,6 +34,11 @@ class TeacherInfo:
     val_accuracy: float
     recipe: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the teacher expects of an image, as one typed object."""
+        return Preprocessing(self.image_size, self.in_channels, tuple(self.mean), tuple(self.std), tuple(self.classes))
 
 
 def save_teacher(path: Path, net: Net, info: TeacherInfo) -> None:
