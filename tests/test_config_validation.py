@@ -164,8 +164,9 @@ def test_teacher_recipe_that_cannot_fit_is_refused_before_training(setup, capsys
     is checked against the recipe's data first, and no teacher is trained."""
     write_cifar10(setup / "data", 10, np.random.default_rng(0))
     monkeypatch.setenv("KD3_DATA_ROOT", str(setup / "data"))
-    missing = setup / "to-train.pt"
-    fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={missing}", "teacher.recipe=configs/teachers/mnist5k-lenet5_bn.yaml",
+    missing = setup / "cache" / "teachers" / "mnist5k-lenet5_bn.pt"  # the recipe's own cache entry: trainable
+    fails(capsys, digits_distill_args(setup, "teacher.checkpoint={cache}/teachers/mnist5k-lenet5_bn.pt",
+                                      "teacher.recipe=configs/teachers/mnist5k-lenet5_bn.yaml",
                                "eval_data=cifar10:test"),
           "eval_data=cifar10:test images are 3×32×32 (C×H×W) but the teacher configs/teachers/mnist5k-lenet5_bn.yaml trains")
     assert not missing.exists() and not (setup / "runs").exists()
@@ -173,10 +174,21 @@ def test_teacher_recipe_that_cannot_fit_is_refused_before_training(setup, capsys
 
 def test_teacher_recipe_with_unknown_model_is_refused_before_training(setup, capsys, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("model: lenet6\ndata: uci-digits:train\n")
+    recipe.write_text(f"model: lenet6\ndata: uci-digits:train\noutput: {setup / 'to-train.pt'}\n")
     fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={setup / 'to-train.pt'}", f"teacher.recipe={recipe}"),
           f"{recipe}: model='lenet6' is not a known architecture")
     assert not (setup / "to-train.pt").exists()
+
+
+def test_a_misspelt_teacher_checkpoint_is_an_error_not_a_freshly_trained_teacher(setup, capsys):
+    """The preset's recipe would train a LeNet into the user's filename and distil from it: instead the
+    missing file is named, exit 2, and nothing is trained or created."""
+    typo = setup / "my-teacher.ptt"
+    line = fails(capsys, digits_distill_args(setup, f"teacher.checkpoint={typo}",
+                                             "teacher.recipe=configs/teachers/mnist5k-lenet5_bn.yaml"),
+                 f"teacher.checkpoint={typo}: {typo} does not exist", "nothing was trained")
+    assert "mnist5k-lenet5_bn.pt" in line  # says which file the recipe would have trained
+    assert not typo.exists() and not (setup / "runs").exists() and not (setup / "cache" / "teachers").exists()
 
 
 def test_missing_dataset_is_one_line_not_a_traceback(setup, capsys, monkeypatch):

@@ -80,13 +80,13 @@ def test_sigterm_and_sigint_print_the_resume_command_and_keep_the_checkpoint(inp
 @pytest.mark.slow
 def test_sigterm_while_the_needed_teacher_trains_says_there_is_nothing_to_resume(inputs, tmp_path):
     out = tmp_path / "runs"
-    args = distill_args(inputs, out, f"teacher.checkpoint={tmp_path / 'teacher.pt'}",
+    args = distill_args(inputs, out, "teacher.checkpoint={cache}/teachers/mnist5k-lenet5_bn.pt",  # the recipe's own entry
                         f"teacher.recipe={REPO / 'configs/teachers/mnist5k-lenet5_bn.yaml'}")
     code, err = signal_and_wait(start_paused(args, "mid-epoch@1", tmp_path / "cache"), signal.SIGTERM)  # the teacher's epoch
     (run_dir,) = [p for p in out.iterdir() if p.name.startswith("digits-wild-kd3")]
     assert code == 143 and err.strip().splitlines()[-1] == (
         f"kd3 distill: interrupted by SIGTERM before training started: nothing to resume in {run_dir}, start the run again")
-    assert not (tmp_path / "teacher.pt").exists()
+    assert not (tmp_path / "cache" / "teachers" / "mnist5k-lenet5_bn.pt").exists()
 
 
 def test_damaged_last_pt_falls_back_to_prev_pt_and_still_ends_identical(straight, tmp_path, capsys):

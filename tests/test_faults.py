@@ -170,11 +170,12 @@ def _unwritable_output(tmp_path: Path, kind: str) -> Iterator[tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("kind", ["under-a-file", "read-only"])
-def test_an_unwritable_output_dir_fails_before_the_teacher_is_trained(inputs, tmp_path, capsys, kind):
-    teacher = tmp_path / "teacher.pt"  # missing, with a recipe: the run would train it first
+def test_an_unwritable_output_dir_fails_before_the_teacher_is_trained(inputs, tmp_path, capsys, monkeypatch, kind):
+    monkeypatch.setenv("KD3_CACHE", str(tmp_path / "cache"))
+    teacher = tmp_path / "cache" / "teachers" / "mnist5k-lenet5_bn.pt"  # the recipe's own entry, missing: trained first
     recipe = f"teacher.recipe={REPO / 'configs/teachers/mnist5k-lenet5_bn.yaml'}"
     for output_dir, reason in _unwritable_output(tmp_path, kind):
-        args = distill_args(inputs, output_dir, f"teacher.checkpoint={teacher}", recipe)
+        args = distill_args(inputs, output_dir, "teacher.checkpoint={cache}/teachers/mnist5k-lenet5_bn.pt", recipe)
         assert main(args) == 4
         captured = capsys.readouterr()
         assert captured.err.strip().splitlines() == [f"kd3 distill: error: could not write {output_dir}: {reason}; "

@@ -1,5 +1,7 @@
 """``kd3 report`` on synthetic run directories: a KD³-like run with provenance and saved
-selections, and a one-epoch blind-KD run on an ingested pool (no selection, no provenance)."""
+selections, and a one-epoch blind-KD run on an ingested pool (no selection, no provenance); and on
+real tiny runs (tests/tiny_runs.py) of KD³, DFND and the recommended recipe, for the selection, the
+teacher's class names and its accuracy."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from kd3.config import DistillConfig, PoolConfig, TrainConfig, save_config
+from helpers import TinyNet
+from kd3.cli import main
+from kd3.config import DistillConfig, PoolConfig, TeacherRef, TrainConfig, save_config
 from kd3.data.pool import Pool
 from kd3.report.build import write_report
 from kd3.report.cli import add_report_parser
 from kd3.report.grids import IRRELEVANT_BORDER, pick_epochs, selection_sheet
 from kd3.report.run import read_run
+from kd3.teacher import TeacherInfo, load_teacher, read_teacher_info, save_teacher
+from tiny_runs import distill_args, only_run, write_inputs
 
 POOL_SIZE = 60
 RELEVANT = 20  # the first 20 images are "fashion-r" (relevant), the other 40 "noise"
@@ -39,11 +45,13 @@ def selection(epoch: int) -> np.ndarray:
     return np.arange(RELEVANT + 10 * epoch, dtype=np.int32)
 
 
-def make_run(folder: Path, pool: Pool, method: str, records: list[dict], selections: bool) -> Path:
+def make_run(folder: Path, pool: Pool, method: str, records: list[dict], selections: bool,
+             teacher: Path | None = None) -> Path:
     folder.mkdir(parents=True)
     pool_path = pool.save(folder / "pool.npz")
     save_config(DistillConfig(name=folder.name, pool=PoolConfig(name="file", path=str(pool_path)),
-                              train=TrainConfig(epochs=len(records)), method={"name": method}),
+                              train=TrainConfig(epochs=len(records)), method={"name": method},
+                              teacher=TeacherRef(checkpoint=str(teacher or ""))),
                 folder / "config.yaml")
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if selections:
@@ -187,3 +195,94 @@ def test_pick_epochs_takes_first_middle_and_last():
     assert pick_epochs(list(range(1, 21))) == [1, 10, 20]
     assert pick_epochs([1, 2]) == [1, 2]
     assert pick_epochs([7]) == [7]
+
+
+# -- the teacher: class names and accuracy, on real tiny runs ------------------------------------
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def cell(text: str, label: str) -> str:
+    """The value beside ``label`` in a two-column table of the page."""
+    match = re.search(rf"<tr><td>{re.escape(label)}</td><td>([^<]*)</td></tr>", text)
+    assert match is not None, label
+    return match.group(1)
+
+
+def per_class_rows(text: str) -> list[list[str]]:
+    """The rows of the per-class table (class, then its counts)."""
+    body = text[text.index("<th>class</th>"):]
+    body = body[:body.index("</table>")]
+    return [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", body)]
+
+
+@pytest.fixture(scope="module")
+def teacher_inputs(tmp_path_factory) -> Path:
+    """tiny_runs' teacher and pool; the teacher's classes renamed so that names cannot be taken for indices."""
+    root = tmp_path_factory.mktemp("teacher-runs")
+    write_inputs(root)
+    net, info = load_teacher(root / "teacher.pt")
+    info.classes = CLASS_NAMES
+    save_teacher(root / "teacher.pt", net, info)
+    return root
+
+
+def tiny_run(root: Path, out: Path, config: str, *overrides: str) -> Path:
+    """A ``kd3 distill`` of tiny_runs with ``config`` (a file next to its KD³ config) in place of KD³."""
+    args = distill_args(root, out, *overrides)
+    args[1] = str(Path(args[1]).with_name(config))
+    # 3: the finished student was judged at chance and not exported (12 steps leave a tiny run's accuracy
+    # near it); its run directory is complete all the same, and a report must describe failed runs too.
+    assert main(args) in (0, 3)
+    return only_run(out)
+
+
+@pytest.mark.parametrize("config, size_key", [("kd3.yaml", "selected"), ("dfnd.yaml", "dfnd_kept"),
+                                              ("recommended.yaml", "dfnd_kept")])
+def test_a_selecting_run_reports_its_selection_class_names_and_teacher(teacher_inputs, tmp_path, config, size_key):
+    run_dir = tiny_run(teacher_inputs, tmp_path / "runs", config)
+    text = write_report(run_dir).read_text()
+    info = read_teacher_info(teacher_inputs / "teacher.pt")
+    assert "No selection was logged" not in text
+    assert f"Left: images selected per epoch (from metrics.jsonl key {size_key})" in text
+    assert "selection.png" in linked_pngs(run_dir / "report" / "report.html")
+    rows = per_class_rows(text)
+    assert [row[0] for row in rows] == CLASS_NAMES
+    # The last epoch's chosen images per class add up to what that epoch saved as its selection.
+    assert sum(int(row[-1]) for row in rows) == len(np.load(run_dir / "selections" / "epoch-0003.npy"))
+    assert "Classes are shown as indices" not in text
+    assert cell(text, "classes") == "10: " + ", ".join(CLASS_NAMES)
+    assert cell(text, "teacher test accuracy (its checkpoint record)") == f"{info.test_accuracy:.2%}"
+    assert cell(text, "teacher validation accuracy (its checkpoint record)") == f"{info.val_accuracy:.2%}"
+    assert f"(teacher test accuracy as recorded: {info.test_accuracy:.2%})" in text  # beside the student's in the headline
+
+
+def test_a_run_whose_teacher_is_gone_reports_class_indices_and_why(teacher_inputs, tmp_path):
+    gone = tmp_path / "gone.pt"
+    gone.write_bytes((teacher_inputs / "teacher.pt").read_bytes())
+    run_dir = tiny_run(teacher_inputs, tmp_path / "runs", "dfnd.yaml", f"teacher.checkpoint={gone}")
+    gone.unlink()
+    text = write_report(run_dir).read_text()
+    assert [row[0] for row in per_class_rows(text)] == [str(k) for k in range(10)]
+    why = f"the teacher checkpoint {gone} (teacher.checkpoint in config.yaml) is gone"
+    assert f"Classes are shown as indices because {why}." in text
+    assert f"No teacher record: {why}." in text
+    assert cell(text, "teacher accuracy") == f"unknown: {why}"
+    assert "No selection was logged" not in text
+
+
+def test_an_unknown_teacher_accuracy_reads_unknown(tmp_path):
+    """A NaN accuracy in the record (as ``kd3 teacher import`` writes) reads "unknown", not "nan%"; the
+    validation accuracy, recorded here, comes from its own field."""
+    teacher = tmp_path / "imported.pt"
+    save_teacher(teacher, TinyNet(), TeacherInfo(arch="tiny", num_classes=3, in_channels=1, image_size=8,
+                                                 classes=["coat", "bag", "shoe"], mean=[0.5], std=[0.25],
+                                                 data="imported:tiny.onnx", test_accuracy=float("nan"),
+                                                 val_accuracy=0.625))
+    run = make_run(tmp_path / "kd3", provenance_pool(), "kd3", [kd3_record(e) for e in (1, 2, 3)], selections=True,
+                   teacher=teacher)
+    text = write_report(run).read_text()
+    assert cell(text, "teacher test accuracy (its checkpoint record)") == "unknown"
+    assert cell(text, "teacher validation accuracy (its checkpoint record)") == "62.50%"
+    assert "(teacher test accuracy as recorded: unknown)" in text and "nan%" not in text
+    # kd3_record's last epoch: 20 predicted per class, 13 / 10 / 37 selected.
+    assert per_class_rows(text) == [["coat", "20", "13"], ["bag", "20", "10"], ["shoe", "20", "37"]]

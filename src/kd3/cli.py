@@ -6,8 +6,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from kd3.config import ConfigError
+from kd3.config import ConfigError, did_you_mean
 
 
 def _print_result(title: str, rows: list[list], columns: list[str]) -> None:
@@ -16,11 +17,11 @@ def _print_result(title: str, rows: list[list], columns: list[str]) -> None:
     print_table(title, columns, rows)
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
     """``kd3 distill --nproc N ...`` is ``torchrun --standalone --nproc_per_node N -m kd3 distill ...``."""
     import subprocess
 
-    argv = sys.argv[1:]
+    argv = list(argv)
     for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N, keep everything else as typed
         if arg == "--nproc":
             del argv[i:i + 2]
@@ -42,11 +43,18 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from kd3.engine import distributed
 
     if args.nproc > 1 and not distributed.launched():
-        _relaunch_with_torchrun(args.nproc)
+        _relaunch_with_torchrun(args.nproc, args.argv)
         return
     try:
         if args.resume:
-            result = api.distill(None, resume=Path(args.resume))  # type: ignore[arg-type]
+            # The first key=value lands in the CONFIG slot: with --resume the run's own config.yaml is the config.
+            if args.config and "=" not in args.config:
+                raise ConfigError(f"--resume {args.resume} continues with the run's own config.yaml; drop {args.config} "
+                                  "(key=value overrides of train.epochs, train.eval_every, ... may follow)")
+            overrides = [args.config, *args.overrides] if args.config else args.overrides
+            result = api.distill(None, overrides, resume=Path(args.resume), allow_changed_inputs=args.allow_changed_inputs)
+        elif args.allow_changed_inputs:
+            raise ConfigError("--allow-changed-inputs applies to --resume RUN_DIR only")
         else:
             result = api.distill(load_config(DistillConfig, args.config, args.overrides))
     finally:
@@ -80,7 +88,43 @@ def cmd_export(args: argparse.Namespace) -> None:
     from kd3.export_cli import export_run
 
     for path in export_run(Path(args.run_dir), args.format):
-        print(f"wrote {path}")
+        print(f"exported {path}")
+
+
+def _config_command(values: dict) -> str:
+    """The command a config is for, told by its top-level keys (a YAML file says it nowhere else)."""
+    from dataclasses import fields
+
+    from kd3.config import DistillConfig, TeacherTrainConfig
+
+    if "rows" in values:
+        return "bench"
+    if "runs" in values:
+        return "demo"
+    teacher_only = {f.name for f in fields(TeacherTrainConfig)} - {f.name for f in fields(DistillConfig)}
+    return "train-teacher" if teacher_only & set(values) else "distill"
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from kd3.config import DistillConfig, TeacherTrainConfig, dump_config, load_config, read_yaml
+
+    command = args.kind or _config_command(read_yaml(Path(args.config)))
+    if command not in ("distill", "train-teacher"):
+        raise ConfigError(f"{args.config} is a {command} spec, not a distill or train-teacher config")
+    cls = TeacherTrainConfig if command == "train-teacher" else DistillConfig
+    print(dump_config(load_config(cls, args.config, args.overrides)), end="")
+
+
+def cmd_config_list(args: argparse.Namespace) -> None:
+    from kd3.config import PRESETS_DIR, preset_description, preset_names, read_yaml
+
+    names = preset_names()
+    rows = [(name, _config_command(read_yaml(PRESETS_DIR / f"{name}.yaml")), preset_description(name)) for name in names]
+    width = max(len(name) for name in names)
+    print(f"{'preset':<{width}}  {'command':<13}  description")
+    for name, command, text in rows:
+        print(f"{name:<{width}}  {command:<13}  {text}")
+    print(f"\n{len(rows)} presets in {PRESETS_DIR}; use a name wherever a config path goes, e.g. kd3 config show recommended")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -89,45 +133,143 @@ def cmd_data(args: argparse.Namespace) -> None:
     data_cli.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kd3", description="Knowledge distillation from web images (KD³ and baselines)")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a misspelt choice (Python < 3.14 has no suggest_on_error) and, where
+    ``intermixed``, options and positionals in any order (``kd3 distill CFG --nproc 2 key=value``)."""
 
-    p = sub.add_parser("distill", help="distil a student from a teacher on a web pool")
-    p.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 method.name=kd3")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._mixing = False
+
+    def parse_known_args(self, args: list[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        # Sub-parsers are run through parse_known_args; parse_known_intermixed_args calls it back (Python 3.11),
+        # so the flag sends that inner call to the plain parse.
+        if not self.intermixed or self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices and isinstance(value, str) and all(isinstance(c, str) for c in choices):
+            listed = ", ".join(map(repr, choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, list(choices), quote=True)}; "
+                                                 f"choose from {listed}")
+        super()._check_value(action, value)
+
+
+class _Version(argparse.Action):
+    """``kd3 --version``: kd3's, torch's and torchvision's versions, read from package metadata (no torch import)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_text())  # stdout, as argparse's own version action does
+        parser.exit()
+
+
+def version_text() -> str:
+    """``kd3 X (torch Y, torchvision Z, Python W)``."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kd3
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"kd3 {kd3.__version__} (torch {installed('torch')}, torchvision {installed('torchvision')}, "
+            f"Python {platform.python_version()})")
+
+
+IMPORT_HELP = "import MODULE first, e.g. one whose @register_model adds your architecture (repeatable)"
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (``kd3 distill``, ``kd3 data build``, ...), not those choosing one."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        return [parser]
+    children = {id(p): p for group in groups for p in group.choices.values()}.values()  # aliases map to one parser
+    return [leaf for child in children for leaf in _leaf_parsers(child)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kd3", description="Knowledge distillation from web images (KD³ and baselines)")
+    parser.add_argument("--version", action=_Version, help="print kd3's, torch's and torchvision's versions and exit")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (kd3 COMMAND -h for more)")
+    config_help = "a YAML config file or a preset name, e.g. fashion-wild/recommended (kd3 config list)"
+    overrides_help = "key=value overrides, before or after options, e.g. train.epochs=5 method.name=kd3"
+
+    p = sub.add_parser("distill", help="distil a student from a teacher on a web pool", intermixed=True)
+    p.add_argument("config", nargs="?", help=config_help)
+    p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt; key=value may "
+                   "change train.epochs (more epochs continue a finished run), train.eval_every, train.threads, "
+                   "train.device, progress")
+    p.add_argument("--allow-changed-inputs", action="store_true",
+                   help="with --resume: continue although the teacher, pool or eval data changed since the run started")
     p.add_argument("--nproc", type=int, default=1,
                    help="train on N processes (torchrun on this machine: N GPUs, or N CPU processes with gloo)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("train-teacher", help="train a teacher on a labelled source")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("train-teacher", help="train a teacher on a labelled source", intermixed=True)
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
     p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("eval", help="test accuracy of a teacher checkpoint, exported student or run directory")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", required=True, help="SOURCE:SPLIT, e.g. fashion-mnist:test")
-    p.add_argument("--device", default="auto")
+    p = sub.add_parser("config", help="show a resolved config or list the packaged presets")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", help="show or list")
+    p = config_sub.add_parser("show", help="print the fully resolved config as YAML (what a run saves)", intermixed=True)
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
+    p.add_argument("--as", dest="kind", choices=["distill", "train-teacher"], default=None,
+                   help="the command the config is for (default: told by its keys)")
+    p.set_defaults(func=cmd_config_show)
+    p = config_sub.add_parser("list", help="the presets shipped with kd3: name, command and what each is")
+    p.set_defaults(func=cmd_config_list)
+
+    p = sub.add_parser("eval", help="test accuracy of any model file kd3 writes: a teacher .pt, a student "
+                                    ".ts/.pt2/.onnx or a run directory")
+    p.add_argument("checkpoint", metavar="MODEL", help="teacher .pt, student .ts / .pt2 / .onnx, or a finished run directory")
+    p.add_argument("--data", required=True, help="SOURCE:SPLIT (e.g. fashion-mnist:test), a class-folder directory, "
+                                                  "a path,label .csv or an .npz")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (ONNX always runs on the CPU)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a run's deployable student (TorchScript, ONNX)")
-    p.add_argument("run_dir")
-    p.add_argument("--format", choices=["torchscript", "onnx", "all"], default="torchscript")
+    p = sub.add_parser("export", help="a run's student as TorchScript, ONNX or torch.export; every file takes uint8 "
+                                      "N×C×H×W images (0-255, RGB or grey) and normalises inside")
+    p.add_argument("run_dir", help="a finished run directory (holding student.ts)")
+    p.add_argument("--format", choices=["torchscript", "onnx", "export", "all"], default="torchscript",
+                   help="torchscript: student.ts; onnx: student.onnx; export: student.pt2 (torch.export); all: the three")
     p.set_defaults(func=cmd_export)
 
     from kd3.bench.cli import add_bench_parser
     from kd3.data_cli import add_data_parser
     from kd3.report.cli import add_report_parser
+    from kd3.teacher_cli import add_teacher_parser
 
     add_data_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
-    p = sub.add_parser("demo", help="the README demo: KD³ and blind KD side by side on fashion-wild")
-    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*")
+    add_teacher_parser(sub)
+    p = sub.add_parser("demo", help="the README demo: KD³ and blind KD side by side on fashion-wild", intermixed=True)
+    p.add_argument("--config", default=None, help="demo config file or preset (default: the packaged demo preset)")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides for every demo run, e.g. train.epochs=2")
     p.set_defaults(func=lambda a: __import__("kd3.demo", fromlist=["run"]).run(a.config, a.overrides))
+    for leaf in _leaf_parsers(parser):  # --import after the command too: `kd3 distill CFG --import mynets`
+        leaf.add_argument("--import", dest="imports_after", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     return parser
 
 
@@ -158,15 +300,29 @@ def _interrupted(command: str, stop: KeyboardInterrupt) -> int:
     return interrupted.exit_code
 
 
+def _load_plugins(modules: list[str]) -> None:
+    """The ``--import`` modules and, always, the installed ``kd3.models`` entry points; a module that fails to
+    import is a user error (one line, exit 2), not a traceback."""
+    from kd3.models.plugins import load_plugins
+
+    try:
+        load_plugins(modules)
+    except ImportError as error:
+        where = f"--import {', '.join(modules)}" if modules else "a kd3.models entry point"
+        raise ValueError(f"{where}: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from kd3.engine.signals import raising_on_signals
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc N` relaunches under torchrun
     if args.command == "distill" and not args.config and not args.resume:
         print("kd3 distill: give a CONFIG or --resume RUN_DIR", file=sys.stderr)
         return 2
     try:
         with raising_on_signals():  # SIGTERM too stops with the message below, not silently
+            _load_plugins([*args.imports, *args.imports_after])
             args.func(args)
     except _user_errors() as error:
         print(f"kd3 {args.command}: error: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ SHOWN_PAIRS = 20  # closest pairs printed; --out writes them all
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data sources and web pools")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_sub = data.add_subparsers(dest="data_command", required=True, help="what to do with data (kd3 data SUBCOMMAND -h)")
     data_sub.add_parser("list", help="every labelled source and whether it is available here")
 
     for name, text in [("build", "build (or reuse) a benchmark pool and print its composition"),
@@ -18,38 +18,46 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                        ("contamination", "pool images that copy evaluation images, and duplicates inside the pool")]:
         p = data_sub.add_parser(name, help=text)
         p.add_argument("pool", help="a builder name (fashion-wild, digits-wild) or a pool .npz file")
-        p.add_argument("--size", type=int, default=20000)
-        p.add_argument("--irrelevant-fraction", type=float, default=0.7)
-        p.add_argument("--variant", default="default", choices=["default", "hard"])
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--size", type=int, default=20000, help="builder pools: number of images (default: 20000)")
+        p.add_argument("--irrelevant-fraction", type=float, default=0.7,
+                       help="builder pools: fraction of images from no teacher class (default: 0.7)")
+        p.add_argument("--variant", default="default", choices=["default", "hard"],
+                       help="builder pools: the image style mix (default: default)")
+        sampled = "; pool files: the seed that samples the images shown" if name == "show" else ""
+        p.add_argument("--seed", type=int, default=0, help=f"builder pools: the seed that draws the pool{sampled} (default: 0)")
         if name == "show":
             p.add_argument("--out", default=None, help="PNG path (default: <pool>-grid.png)")
-            p.add_argument("--per-group", type=int, default=10)
+            p.add_argument("--per-group", type=int, default=10, help="images shown per source and style (default: 10)")
         if name == "diagnose":
             p.add_argument("--teacher", required=True, help="teacher checkpoint (.pt from `kd3 train-teacher`)")
             p.add_argument("--out", default=None, help="output folder (default: <pool>-diagnosis)")
             p.add_argument("--score", action="append", default=[],
                            help="an extra relevance score to report, e.g. meanrank:energy+bn_mean_all (repeatable)")
-            p.add_argument("--device", default="cpu")
+            p.add_argument("--device", default="cpu", help="torch device that runs the teacher, e.g. cuda (default: cpu)")
         if name == "contamination":
-            p.add_argument("--against", required=True, metavar="SOURCE:SPLIT",
-                           help="the evaluation images, e.g. fashion-mnist:test")
+            p.add_argument("--against", required=True, metavar="DATA",
+                           help="the evaluation images: a SOURCE:SPLIT (e.g. fashion-mnist:test), or your own labelled "
+                                "images (a folder of class sub-folders, a path,label .csv or an .npz)")
             p.add_argument("--out", default=None, help="CSV of every flagged pair and duplicate (default: none)")
             p.add_argument("--threshold", type=float, default=None,
                            help="copy distance in grey levels (default: kd3.data.contamination.THRESHOLD)")
             p.add_argument("--no-duplicates", action="store_true",
                            help="skip the pool × pool duplicate search (quadratic: hours on a CPU for 1M images)")
-            p.add_argument("--device", default="cpu")
+            p.add_argument("--device", default="cpu", help="torch device for the distance search, e.g. cuda (default: cpu)")
 
     p = data_sub.add_parser("ingest", help="decode an image folder or WebDataset tar shards into a pool")
     p.add_argument("directory", metavar="SOURCE",
                    help="an image folder, or img2dataset tar shards: 'crawl/{00000..00099}.tar' (quote the braces)")
     p.add_argument("--size", type=int, required=True, help="output side length in pixels")
-    p.add_argument("--channels", type=int, choices=[1, 3], required=True)
+    p.add_argument("--channels", type=int, choices=[1, 3], required=True, help="output channels: 1 (grey) or 3 (RGB)")
     p.add_argument("--out", required=True,
                    help="a pool .npz (held in memory) or a pool directory (written as it decodes; for big crawls)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
     data.set_defaults(func=run)
+
+
+def _is_pool_file(args: argparse.Namespace) -> bool:
+    return args.pool.endswith(".npz") or Path(args.pool).is_dir()
 
 
 def _pool_from_args(args: argparse.Namespace):
@@ -57,10 +65,18 @@ def _pool_from_args(args: argparse.Namespace):
     from kd3.data.pools import load_or_build_pool
     from kd3.paths import cache_dir
 
-    if args.pool.endswith(".npz") or Path(args.pool).is_dir():
+    if _is_pool_file(args):
         return Pool.load(Path(args.pool))
     return load_or_build_pool(args.pool, cache_dir(), size=args.size, irrelevant_fraction=args.irrelevant_fraction,
                               variant=args.variant, seed=args.seed)
+
+
+def _shuffled(pool, seed: int):
+    """The pool in a seeded random order (a lazy view on disk): the grid shows each group's first
+    images, and an ingested pool is in path order, so its first images are one folder's."""
+    import numpy as np
+
+    return pool.subset(np.random.default_rng(seed).permutation(len(pool)))
 
 
 def _composition_rows(pool) -> list[list]:
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
 
         pool = _pool_from_args(args)
         out = Path(args.out or f"{Path(args.pool).stem}-grid.png")
-        save_pool_grid(pool, out, per_group=args.per_group)
+        save_pool_grid(_shuffled(pool, args.seed) if _is_pool_file(args) else pool, out, per_group=args.per_group)
         print(f"wrote {out} ({len(pool)} images)")
     elif args.data_command == "diagnose":
         _diagnose(args)
@@ -101,8 +117,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: {len(pool)} images {tuple(pool.images.shape[1:])}; {report}")
 
 
+def _pool_image(pool, index: int) -> str:
+    """What names one pool image: its file when known (an ingested pool's source / style is
+    "ingested / none" for every image), else its source / style."""
+    if pool.paths is not None:
+        return str(pool.paths[index])
+    return f"{pool.source[index]} / {pool.style[index]}"
+
+
 def _pool_title(args: argparse.Namespace) -> str:
-    if args.pool.endswith(".npz"):
+    if _is_pool_file(args):
         return Path(args.pool).name
     return (f"{args.pool} (size {args.size}, {args.irrelevant_fraction:.0%} irrelevant, variant {args.variant}, "
             f"seed {args.seed})")
@@ -154,11 +178,12 @@ def _contamination(args: argparse.Namespace) -> None:
     if pairs:
         shown = sorted(pairs, key=lambda p: p.distance)[:SHOWN_PAIRS]
         print_table(f"closest copies ({len(shown)} of {len(pairs)} pairs)",
-                    ["pool index", "source / style", f"{args.against} index", "kind", "distance"],
-                    [[p.pool_index, f"{pool.source[p.pool_index]} / {pool.style[p.pool_index]}", p.eval_index, p.kind,
-                      f"{p.distance:.2f}"] for p in shown])
+                    ["pool index", "path" if pool.paths is not None else "source / style", f"{args.against} index",
+                     "kind", "distance"],
+                    [[p.pool_index, _pool_image(pool, p.pool_index), p.eval_index, p.kind, f"{p.distance:.2f}"]
+                     for p in shown])
     if args.out:
-        path = report.write_csv(args.out, pool.source.astype(str), pool.style.astype(str))
+        path = report.write_csv(args.out, pool.source.astype(str), pool.style.astype(str), pool.paths)
         print(f"wrote {path}")
     if s["flagged"]:
         print(f"Train without them: kd3 distill CONFIG pool.drop_contaminated=true (against {args.against})")

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd3 import api
-from kd3.config import DistillConfig, load_config
+from kd3.config import PRESETS_DIR, DistillConfig, load_config
 from kd3.engine.logging import print_table
 
 
 @dataclass
 class DemoConfig:
+    # Config files or preset names; the presets' "configs/..." paths resolve from the package in any directory.
     runs: list[str] = field(default_factory=lambda: ["configs/fashion-wild/blind_kd.yaml",
                                                      "configs/fashion-wild/kd3.yaml",
                                                      "configs/fashion-wild/recommended.yaml"])
@@ -20,7 +21,8 @@ class DemoConfig:
 
 
 def run(config_path: str | None, overrides: list[str]) -> None:
-    demo = load_config(DemoConfig, config_path or "configs/demo.yaml")
+    """Distil with each of the demo config's runs (default: the packaged demo preset) and print one table."""
+    demo = load_config(DemoConfig, config_path or PRESETS_DIR / "demo.yaml")  # the package's, whatever the directory
     started = time.perf_counter()
     rows, run_dirs = [], []
     teacher_info = None

@@ -18,7 +18,7 @@ from kd3.config import ConfigError, DistillConfig, PoolConfig, TeacherTrainConfi
 from kd3.data.pool import Pool
 from kd3.engine.logging import summary_writer_class
 from kd3.methods.base import Method, get_method
-from kd3.models import list_models
+from kd3.models.registry import UnknownModel, check_model_name
 from kd3.paths import expand
 
 
@@ -42,9 +42,12 @@ def check_train(train: TrainConfig) -> None:
 
 
 def require_model(name: str, key: str) -> None:
-    if name not in list_models():
-        raise ConfigError(f"{key}={name!r} is not a known architecture; known: {', '.join(list_models())} "
-                          "(register others with kd3.models.register_model)")
+    """``name`` (a registered name, ``tv:NAME`` or ``timm:NAME``) is one ``create_model`` can build; checked
+    against the name lists only, so nothing is built here."""
+    try:
+        check_model_name(name)
+    except UnknownModel as error:
+        raise ConfigError(f"{key}={name!r} is not a known architecture; {error.detail}") from None
 
 
 def check_device(name: str, key: str = "train.device") -> None:
@@ -68,6 +71,7 @@ class InputSpec:
     num_classes: int
     shape: tuple[int, int, int]  # C, H, W
     origin: str
+    classes: tuple[str, ...] = ()  # its class names in logit order (own eval data is matched to them by name)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -75,31 +79,47 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 
 
 def teacher_path(cfg: DistillConfig) -> Path:
-    """The configured teacher checkpoint; an error now if it is unset, or missing without a recipe."""
+    """The configured teacher checkpoint; an error now if it is unset or missing.
+
+    A missing checkpoint is trained from ``teacher.recipe`` only when it is that recipe's own output
+    file (a preset's default cache entry): a user-named file that does not exist is a typo or a
+    moved file, and training some other teacher under that name would distil from the wrong model."""
     if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is empty: give a kd3 teacher checkpoint "
-                          "(make one with `kd3 train-teacher configs/teachers/fashion-lenet5_bn.yaml`)")
+        raise ConfigError("teacher.checkpoint is empty: give a kd3 teacher checkpoint (bring your own with "
+                          "`kd3 teacher import`, or train one with `kd3 train-teacher teachers/fashion-lenet5_bn`)")
     path = expand(cfg.teacher.checkpoint)
-    if not path.is_file() and not cfg.teacher.recipe:
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with "
-                                "`kd3 train-teacher CONFIG` or set teacher.recipe=CONFIG to train it on first use")
-    return path
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} is not a file")
+    recipe_output = _recipe_output(cfg.teacher.recipe) if cfg.teacher.recipe else None
+    if recipe_output is not None and recipe_output.absolute() == path.absolute():
+        return path  # the preset's own cache entry: trained from its recipe on first use
+    hint = (f"; kd3 trains a missing teacher only into its recipe's own file ({recipe_output})" if recipe_output
+            else "; bring your own with `kd3 teacher import` or train one with `kd3 train-teacher CONFIG`")
+    raise FileNotFoundError(f"teacher.checkpoint={cfg.teacher.checkpoint}: {path} does not exist; "
+                            f"check the path{hint}; nothing was trained")
+
+
+def _recipe_output(recipe: str) -> Path:
+    return expand(load_config(TeacherTrainConfig, recipe).output)
 
 
 def teacher_spec(cfg: DistillConfig) -> InputSpec:
     """From the checkpoint's record, or, when it is still to be trained, from its recipe's data."""
-    from kd3.data.sources import load_source
+    from kd3.data.labelled import load_labelled
     from kd3.teacher import read_teacher_info
 
     path = teacher_path(cfg)
     if path.is_file():
         info = read_teacher_info(path)
-        return InputSpec(info.num_classes, (info.in_channels, info.image_size, info.image_size), f"the teacher {path}")
+        return InputSpec(info.num_classes, (info.in_channels, info.image_size, info.image_size), f"the teacher {path}",
+                         tuple(info.classes))
     recipe = load_config(TeacherTrainConfig, cfg.teacher.recipe)
     require_model(recipe.model, f"{cfg.teacher.recipe}: model")
-    data = load_source(recipe.data)
+    data = load_labelled(recipe.data, recipe.image_size or None, recipe.channels or None)
     return InputSpec(len(data.classes), tuple(data.images.shape[1:]),
-                     f"the teacher {cfg.teacher.recipe} trains ({recipe.data})")
+                     f"the teacher {cfg.teacher.recipe} trains ({recipe.data})", tuple(data.classes))
 
 
 def require_match(spec: InputSpec, shape: tuple[int, ...], num_classes: int | None, what: str) -> None:

@@ -1,7 +1,7 @@
 """Batched augmentation on uint8 tensors, and fixed views whose teacher outputs can be cached.
 
 Images stay uint8 until the last moment; a whole batch is cropped and flipped with one gather
-instead of per-sample PIL calls, which is what keeps CPU training fast (DESIGN.md).
+instead of per-sample PIL calls, which is what keeps CPU training fast (docs/design.md).
 """
 from __future__ import annotations
 

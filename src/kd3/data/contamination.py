@@ -103,16 +103,22 @@ class Contamination:
                 "duplicate_images": sum(len(g) for g in self.duplicate_groups) if self.duplicates_searched else None}
 
     def write_csv(self, path: str | os.PathLike, source: np.ndarray | None = None,
-                  style: np.ndarray | None = None) -> Path:
+                  style: np.ndarray | None = None, paths: np.ndarray | None = None) -> Path:
         """One row per pair (pool_index, eval_index, kind, distance, and the pool image's source
         and style when given), then one per in-pool duplicate (kind ``pool-duplicate``, the group
-        number in the eval_index column's place is ``group``)."""
+        number in the eval_index column's place is ``group``). With ``paths`` (``Pool.paths``) a
+        last column, ``path``, names each pool image's file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["kind", "pool_index", "eval_index", "group", "distance", "source", "style"])
-            where = lambda i: [source[i] if source is not None else "", style[i] if style is not None else ""]  # noqa: E731
+            writer.writerow(["kind", "pool_index", "eval_index", "group", "distance", "source", "style"]
+                            + (["path"] if paths is not None else []))
+
+            def where(i: int) -> list:
+                return ([source[i] if source is not None else "", style[i] if style is not None else ""]
+                        + ([paths[i]] if paths is not None else []))
+
             for pair in self.pairs():
                 writer.writerow([pair.kind, pair.pool_index, pair.eval_index, "", f"{pair.distance:.2f}",
                                  *where(pair.pool_index)])
@@ -275,10 +281,10 @@ def _cache_path(pool: Pool, against: str, eval_images: torch.Tensor, threshold: 
 
 def pool_contamination(pool: Pool, against: str, threshold: float = THRESHOLD, duplicates: bool = True,
                        device: str = "cpu", show_progress: bool = False, cache: bool = True) -> Contamination:
-    """``find_contamination`` of a pool against a labelled source (``NAME:SPLIT``), cached."""
-    from kd3.data.sources import load_source
-
-    eval_images = load_source(against).images
+    """``find_contamination`` of a pool against labelled images, cached: a built-in ``NAME:SPLIT``, or
+    the user's own (a class-folder directory, .csv or .npz; ``kd3.data.labelled``), decoded to the
+    pool's channels and size."""
+    eval_images = evaluation_images(against, tuple(pool.images.shape[1:]), show_progress)
     path = _cache_path(pool, against, eval_images, threshold, duplicates)
 
     def compute() -> Contamination:
@@ -291,6 +297,15 @@ def pool_contamination(pool: Pool, against: str, threshold: float = THRESHOLD, d
     if not cache:
         return compute()
     return load_or_build(path, _cached, compute)
+
+
+def evaluation_images(against: str, pool_shape: tuple[int, ...], show_progress: bool = False) -> torch.Tensor:
+    """The images ``against`` names; own image files decoded to ``pool_shape`` (C×H×W), a built-in
+    source as it is (copies are compared in grey at the evaluation images' size anyway)."""
+    from kd3.data.labelled import load_labelled
+
+    channels, size = int(pool_shape[0]), int(pool_shape[-1])
+    return load_labelled(against, size, channels, show_progress=show_progress).images
 
 
 def _cached(path: Path) -> Contamination | None:

@@ -143,6 +143,38 @@ class _Sink:
             self.writer.abort()
 
 
+def check_geometry(size: int, channels: int) -> None:
+    """What every decode needs: 1 (grey) or 3 (RGB) channels and a positive side length."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+
+
+def decode_paths(files: list[str], size: int, channels: int, workers: int = 0, show_progress: bool = False,
+                 desc: str = "decode") -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """``files`` decoded in order by ingest's workers (``workers`` as in ``ingest``): the uint8
+    N×channels×size×size images of the readable ones, and (path, reason) for each one skipped."""
+    check_geometry(size, channels)
+    workers = workers or default_workers()
+    tasks = [files[i:i + FOLDER_TASK] for i in range(0, len(files), FOLDER_TASK)]
+    work = partial(decode_files, size=size, channels=channels)
+    parts: list[np.ndarray] = [np.empty((0, channels, size, size), dtype=np.uint8)]
+    bad: list[tuple[str, str]] = []
+    for images, _, skipped in progress(_in_order(work, tasks, workers), desc=f"{desc} ({workers} workers)",
+                                       enabled=show_progress, total=len(tasks), unit="task"):
+        parts.append(images)
+        bad += skipped
+    return np.concatenate(parts), bad
+
+
+def source_path(record: dict) -> str:
+    """Where an ingested image came from, absolute: its file, or ``shard.tar:member`` for a tar shard."""
+    if "shard" in record:
+        return f"{os.path.abspath(record['shard'])}:{record['member']}"
+    return os.path.abspath(record["file"])
+
+
 def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.PathLike | None = None,
            workers: int = 0, show_progress: bool = False) -> tuple[Pool, IngestReport]:
     """Every readable image of ``source`` (a folder, recursively, or a tar-shard pattern) as uint8
@@ -151,13 +183,10 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
     ``out``: None or a ``.npz`` path keeps the pool in memory (and saves the ``.npz``); any other
     path becomes a pool directory written incrementally. ``workers``: decoding processes (0: one
     per available core; 1: decode in this process). Provenance is unknown: ``meta['provenance']``
-    is False. Raises ``FileNotFoundError`` for a missing folder or shard and ``ValueError`` when
-    nothing decodes.
+    is False; ``pool.paths`` holds each image's source (``source_path``). Raises ``FileNotFoundError``
+    for a missing folder or shard and ``ValueError`` when nothing decodes.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    check_geometry(size, channels)
     spec = str(source)
     workers = workers or default_workers()
     if is_shard_spec(spec):
@@ -200,7 +229,7 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
                           workers=workers)
     meta = {**kind, "size": size, "channels": channels, "image_shape": [channels, size, size],
             "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons)}}
-    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta)
+    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=np.array([source_path(m) for m in sink.metadata]))
     if sink.directory is not None:
         write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
         _write_sidecar(sink.directory / SIDECAR_FILE, sink.metadata)

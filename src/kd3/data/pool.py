@@ -7,7 +7,9 @@ never loaded whole. ``Pool.load`` and ``Pool.save`` pick the storage from the pa
 
 Provenance (source, style, relevant, true_label) exists so benchmarks can score selection
 precision / recall; methods must never read it. Pools ingested from a folder have none:
-``meta['provenance']`` is False, ``relevant`` is all False and ``true_label`` all -1.
+``meta['provenance']`` is False, ``relevant`` is all False and ``true_label`` all -1. They have
+``paths`` instead, where each image came from (a file, or ``shard.tar:member``), so a report that
+names a pool image can name the file; built pools have none (``paths`` is None).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from kd3.utils.safe_load import read_npy, read_npz
 UNKNOWN_LABEL = -1
 _ARRAYS = ("images", "source", "style", "relevant", "true_label")
 META_FILE = "meta.json"
+PATHS = "paths"  # the optional array of source paths (``paths`` in a .npz, paths.npy in a directory)
 DIGEST_CHUNK = 8192  # images hashed at a time: the digest never needs the whole pool in memory
 
 
@@ -38,6 +41,9 @@ class Pool:
     relevant: np.ndarray  # bool per image
     true_label: np.ndarray  # int64 per image, -1 when unknown
     meta: dict = field(default_factory=dict)  # the knobs and counts that built the pool
+    # str per image: the file (or shard.tar:member) it was decoded from; None for built pools.
+    # Not part of the digest: the same images ingested from a folder or from shards are one pool.
+    paths: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -48,14 +54,18 @@ class Pool:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"pool field {name} has {len(getattr(self, name))} entries "
                                  f"for {n} images")
+        if self.paths is not None and len(self.paths) != n:
+            raise ValueError(f"pool paths has {len(self.paths)} entries for {n} images")
 
     @classmethod
-    def unlabelled(cls, images: PoolImages, origin: str, meta: dict | None = None) -> Pool:
-        """A pool without provenance (a user's folder, a source with its labels dropped)."""
+    def unlabelled(cls, images: PoolImages, origin: str, meta: dict | None = None,
+                   paths: np.ndarray | None = None) -> Pool:
+        """A pool without provenance (a user's folder, a source with its labels dropped);
+        ``paths``: where each image came from, when known."""
         n = len(images)
         return cls(images=images, source=np.full(n, origin), style=np.full(n, "none"),
                    relevant=np.zeros(n, dtype=bool), true_label=np.full(n, UNKNOWN_LABEL, dtype=np.int64),
-                   meta={"pool": origin, "provenance": False, **(meta or {})})
+                   meta={"pool": origin, "provenance": False, **(meta or {})}, paths=paths)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -76,6 +86,7 @@ class Pool:
             images=take(self.images, idx),
             source=self.source[idx], style=self.style[idx], relevant=self.relevant[idx],
             true_label=self.true_label[idx], meta={**self.meta, "subset_of": len(self)},
+            paths=None if self.paths is None else self.paths[idx],
         )
 
     def group_counts(self) -> dict[tuple[str, str], int]:
@@ -116,9 +127,13 @@ class Pool:
         return path
 
     def _provenance_arrays(self) -> dict[str, np.ndarray]:
+        """Every per-image array but the images: provenance, and the source paths when known."""
         # Fixed-width unicode arrays load with allow_pickle=False; object arrays would not.
-        return {"source": self.source.astype(str), "style": self.style.astype(str),
-                "relevant": self.relevant.astype(bool), "true_label": self.true_label.astype(np.int64)}
+        arrays = {"source": self.source.astype(str), "style": self.style.astype(str),
+                  "relevant": self.relevant.astype(bool), "true_label": self.true_label.astype(np.int64)}
+        if self.paths is not None:
+            arrays[PATHS] = self.paths.astype(str)
+        return arrays
 
     def _save_directory(self, directory: Path) -> Path:
         from kd3.data.storage import ImageWriter
@@ -142,7 +157,7 @@ class Pool:
         return cls(
             images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
             relevant=z["relevant"], true_label=z["true_label"],
-            meta=json.loads(str(z["meta"])),
+            meta=json.loads(str(z["meta"])), paths=z.get(PATHS),
         )
 
     @classmethod
@@ -153,6 +168,8 @@ class Pool:
             raise FileNotFoundError(f"{directory} is not a complete kd3 pool directory: {', '.join(missing)} "
                                     "missing (write one with `kd3 data ingest ... --out DIR`)")
         arrays = {name: read_npy(directory / f"{name}.npy", "kd3 pool") for name in _ARRAYS[1:]}
+        if (directory / f"{PATHS}.npy").is_file():
+            arrays[PATHS] = read_npy(directory / f"{PATHS}.npy", "kd3 pool")
         meta = json.loads((directory / META_FILE).read_text())
         return cls(images=DiskImages(directory / IMAGES_FILE), meta=meta, **arrays)
 
@@ -163,6 +180,8 @@ def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         atomic_write(directory / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+    if PATHS not in arrays:  # a pool without paths written over one with them: the old paths are not this pool's
+        (directory / f"{PATHS}.npy").unlink(missing_ok=True)
     pool = Pool(images=DiskImages(directory / IMAGES_FILE), meta=dict(meta), **arrays)
     meta = {k: v for k, v in meta.items() if k not in ("digest", "digest_of")}
     meta.update(digest=pool.digest(), digest_of=pool._disk_stamp())

@@ -1,4 +1,4 @@
-"""Benchmark web pools (see BENCHMARKS.md): shifted relevant images plus irrelevant ones.
+"""Benchmark web pools (see docs/benchmarks.md): shifted relevant images plus irrelevant ones.
 
 Composition is exact, not sampled: ``round(size · irrelevant_fraction)`` irrelevant images
 (half-up rounding), the rest relevant; relevant images split over relevant sources and then,

@@ -2,8 +2,9 @@
 
 A sample is the tar members that share a key (``000000042.jpg``, ``000000042.json``,
 ``000000042.txt``); the image is its first member with an image extension, the json/txt members
-are kept as metadata. Members are read with the ``webdataset`` package's tar iterator, in shard
-order then member order, so a pool ingested from shards has a deterministic order. Like
+are kept as metadata. Members are read one by one with ``tarfile``, in shard order then member
+order, so a pool ingested from shards has a deterministic order, and a member that is no file
+(a link, a FIFO, a duplicate name) or a damaged stretch costs only itself, counted by reason. Like
 ``decode``, this module is imported by ingest's worker processes and does not import torch.
 """
 from __future__ import annotations
@@ -11,15 +12,22 @@ from __future__ import annotations
 import glob
 import json
 import tarfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from braceexpand import braceexpand
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from kd3.data.decode import try_decode
 
+SCAN_CHUNK = 1 << 20  # bytes read at a time when checking what the tar reader stepped over
+# Every reason a shard's member or stretch is skipped under (an image that does not decode is
+# counted under kd3.data.decode's reasons).
+SHARD_REASONS = ("no image member", "duplicate member", "link member", "special member", "damaged tar region",
+                 "truncated tar", "unreadable shard")
 # img2dataset writes jpg by default, png or webp on request; the rest is what Pillow reads.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 
@@ -59,35 +67,122 @@ def _side_data(sample: dict[str, Any]) -> dict[str, Any]:
     return side
 
 
-def _raise(error: Exception) -> bool:
-    raise error
+def _tar_members(path: str) -> Iterator[tuple[str, bytes | None, str]]:
+    """Every member of the tar ``path`` in archive order: (member name, data, "") for a regular
+    file; (where, None, reason) for a member that holds no file data, and for each damaged stretch
+    (the members after it are still read).
+
+    Read member by member with ``tarfile``: ``ignore_zeros`` steps over the end-of-archive blocks of
+    concatenated tars and block by block over damage to the next valid header, and every byte the
+    reader stepped over is checked (zeros are padding; anything else is counted as damage).
+    """
+    with tarfile.open(path, "r:*", ignore_zeros=True) as tar:
+        raw, end, found = tar.fileobj, 0, False
+        while True:
+            try:
+                member = tar.next()
+            except tarfile.ReadError as error:
+                if "unexpected end of data" in str(error):
+                    yield path, None, "truncated tar"
+                    return
+                # A header tarfile cannot parse (a broken pax or GNU long-name record): skip its block.
+                yield f"{path} at byte {tar.offset}", None, "damaged tar region"
+                end = tar.offset = tar.offset + tarfile.BLOCKSIZE
+                continue
+            if member is None:
+                break
+            tar.members.clear()  # nothing is extracted by link: the index would only grow with the shard
+            if _has_data(raw, end, member.offset):
+                yield f"{path} at byte {end}", None, "damaged tar region"
+            end, found = tar.offset, True
+            if member.isdir():
+                continue  # a folder entry is structure, not content
+            if member.issym() or member.islnk():
+                yield f"{path}:{member.name}", None, "link member"
+            elif not member.isreg():
+                yield f"{path}:{member.name}", None, "special member"  # FIFO, character or block device, ...
+            else:
+                extracted = tar.extractfile(member)
+                try:
+                    data = extracted.read() if extracted is not None else b""
+                except tarfile.ReadError:
+                    yield path, None, "truncated tar"
+                    return
+                yield member.name, data, ""
+        if _has_data(raw, end, None):
+            # Bytes after the last member that form no header: a member cut inside its header, or garbage.
+            yield path, None, "truncated tar" if found else "unreadable shard"
+
+
+def _has_data(raw: BinaryIO, start: int, stop: int | None) -> bool:
+    """Whether bytes ``start``..``stop`` (None: the end) of the archive hold anything but zeros."""
+    raw.seek(start)
+    left = None if stop is None else stop - start
+    while left is None or left > 0:
+        block = raw.read(SCAN_CHUNK if left is None else min(SCAN_CHUNK, left))
+        if not block:
+            return False
+        if block.strip(b"\0"):
+            return True
+        if left is not None:
+            left -= len(block)
+    return False
+
+
+def _samples(path: str, bad: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """The samples of the tar ``path`` ({"__key__": key, ext: bytes, ...}), appending (where, reason)
+    to ``bad`` for each member that joins none."""
+    sample: dict[str, Any] | None = None
+    seen: set[str] = set()
+    try:
+        for name, data, reason in _tar_members(path):
+            if data is None:
+                bad.append((name, reason))
+                continue
+            key, ext = base_plus_ext(name)
+            if key is None:  # no extension: a member that belongs to no sample
+                bad.append((f"{path}:{name}", "no image member"))
+                continue
+            ext = ext.lower()
+            if f"{key}.{ext}" in seen:
+                bad.append((f"{path}:{name}", "duplicate member"))
+                continue
+            seen.add(f"{key}.{ext}")
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            sample[ext] = data
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        # A compressed shard cut short, or a file that is no archive at all: what was read is kept.
+        bad.append((path, "truncated tar" if seen or bad else "unreadable shard"))
+    if sample is not None:
+        yield sample
 
 
 def decode_shard(path: str, size: int, channels: int) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
-    """Every image sample of one shard: (uint8 images, per-image metadata, [(member, reason)] skipped).
+    """Every image sample of one shard: (uint8 images, per-image metadata, [(where, reason)] skipped).
 
-    A truncated or corrupt tar keeps the samples read before the damage and reports the rest
-    as one "truncated tar" entry.
+    Members sharing a key (webdataset's ``base_plus_ext``: the name up to its first dot) and
+    following each other form a sample. One odd member costs only itself, under a named reason:
+    a second member of a name already read ("duplicate member": what ``tar -r`` appends; the first
+    copy is kept), a symlink or hard link ("link member"), a FIFO or device ("special member"), a
+    stretch of bytes that is no member ("damaged tar region"; the members after it are read). A
+    shard cut short keeps every sample read before the cut and counts one "truncated tar".
     """
     images, metadata, bad = [], [], []
-    try:
-        with open(path, "rb") as stream:
-            members = ({**m, "__url__": path} for m in tar_file_iterator(stream, handler=_raise))
-            for sample in group_by_keys(members, handler=_raise):
-                name = f"{path}:{sample['__key__']}"
-                ext = _image_member(sample)
-                if ext is None:
-                    bad.append((name, "no image member"))
-                    continue
-                image, reason = try_decode(sample[ext], size, channels)
-                if image is None:
-                    bad.append((f"{name}.{ext}", reason or "corrupt image"))
-                    continue
-                images.append(image)
-                metadata.append({"key": sample["__key__"], "shard": path, **_side_data(sample)})
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        # ValueError: webdataset's duplicate-member check; the rest: a cut or damaged archive.
-        reason = "unreadable shard" if isinstance(error, OSError) and not images and not bad else "truncated tar"
-        bad.append((path, reason))
+    for sample in _samples(path, bad):
+        name = f"{path}:{sample['__key__']}"
+        ext = _image_member(sample)
+        if ext is None:
+            bad.append((name, "no image member"))
+            continue
+        image, reason = try_decode(sample[ext], size, channels)
+        if image is None:
+            bad.append((f"{name}.{ext}", reason or "corrupt image"))
+            continue
+        images.append(image)
+        metadata.append({"key": sample["__key__"], "shard": path, "member": f"{sample['__key__']}.{ext}",
+                         **_side_data(sample)})
     stacked = np.stack(images) if images else np.empty((0, channels, size, size), dtype=np.uint8)
     return stacked, metadata, bad

@@ -9,10 +9,13 @@ pass over a 3 GB map shows up as 3 GB of RSS; ``pread`` goes through the page ca
 which the kernel shares and reclaims freely.
 
 ``ImageWriter`` writes such a file in chunks (bounded memory), for ingest and big pool builds.
+Every pool file is written under ``temp_name`` and renamed when whole; ``remove_stale_temps``
+clears the temp files a killed writer left behind.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,38 @@ import numpy as np
 import torch
 
 IMAGES_FILE = "images.npy"
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # what temp_name writes
+
+
+def temp_name(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.NAME.<pid>.tmp`` beside it, so
+    two writers never share one, and a temp file whose process is gone is known to be stale."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the ``temp_name`` files in ``directory`` whose writing process no longer runs (a
+    killed ingest or pool build); a live writer's temp files are left alone. Returns those removed."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        found = _TEMP.fullmatch(entry.name)
+        if found is None or int(found["pid"]) <= 0 or _process_alive(int(found["pid"])) or not entry.is_file():
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -46,9 +81,13 @@ class DiskImages:
         self._fd_pid: int | None = None
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
+            try:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+            except ValueError as error:  # numpy: no magic string, or a header that is no array description
+                raise ValueError(f"{self.path} is not a kd3 pool images file (a uint8 .npy written by kd3 data ingest): "
+                                 f"{(str(error).splitlines() or [type(error).__name__])[0][:120]}") from None
             self.offset = f.tell()
         if dtype != np.uint8 or fortran or len(shape) != 4:
             raise ValueError(f"{self.path}: pool images must be a C-ordered uint8 N×C×H×W array, "
@@ -156,12 +195,16 @@ class ImageWriter:
         self.path = Path(path)
         self.row_shape = tuple(row_shape)
         self.count = 0
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = temp_name(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.tmp, "wb")
         # The count is unknown until the end: reserve a header as long as the biggest one can be.
         self.header_size = len(_npy_header((2**62, *self.row_shape)))
-        self.file.write(b"\0" * self.header_size)
+        try:
+            self.file.write(b"\0" * self.header_size)
+        except BaseException:  # a full disk already: no temp file may outlive this writer
+            self.abort()
+            raise
 
     def write(self, images: np.ndarray | torch.Tensor) -> None:
         array = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images, dtype=np.uint8)

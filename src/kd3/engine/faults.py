@@ -72,7 +72,7 @@ def chance_failure(accuracy: float, count: int, num_classes: int, teacher_accura
     The rule: its last-epoch test accuracy is not above ``chance_threshold`` (1/K + 3 binomial SEs)
     while its teacher's recorded accuracy is. A teacher at chance itself (or none recorded, or no
     test set) gives nothing to fall short of, so the student is then not judged."""
-    if not math.isfinite(accuracy) or not count or teacher_accuracy is None:
+    if not math.isfinite(accuracy) or not count or teacher_accuracy is None or not math.isfinite(teacher_accuracy):
         return None
     threshold = chance_threshold(num_classes, count)
     if teacher_accuracy <= threshold or accuracy > threshold:

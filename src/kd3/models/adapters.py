@@ -143,6 +143,28 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, new)
 
 
+def torchvision_classifier(name: str, num_classes: int | None = None, in_channels: int | None = None,
+                           **kwargs: Any) -> nn.Module:
+    """torchvision's classifier ``name``, untrained (``weights=None``: kd3 never downloads), for ``num_classes``
+    classes and ``in_channels``-channel input (a fresh first conv where it differs from 3); ``kwargs`` go to the builder."""
+    classes = {} if num_classes is None else {"num_classes": num_classes}
+    return resize(torchvision.models.get_model(name, weights=None, **classes, **kwargs), num_classes, in_channels)
+
+
+def resize(model: nn.Module, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """Replace ``model``'s final Linear / first conv, in place, with freshly initialised ones of the same shape
+    but ``num_classes`` outputs / ``in_channels`` inputs, where given and different; returns ``model``."""
+    _, head = _last_linear(model)
+    if num_classes is not None and num_classes != head.out_features:
+        _replace_module(model, head, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    stem = _first_conv(model)
+    if in_channels is not None and in_channels != stem.in_channels:
+        _replace_module(model, stem, nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride,
+                                               stem.padding, stem.dilation, stem.groups, stem.bias is not None,
+                                               stem.padding_mode))
+    return model
+
+
 def from_torchvision(name_or_module: str | nn.Module, num_classes: int | None = None,
                      in_channels: int | None = None, image_size: int = 224, feature_node: str | None = None,
                      **kwargs: Any) -> TorchvisionNet:
@@ -153,20 +175,11 @@ def from_torchvision(name_or_module: str | nn.Module, num_classes: int | None = 
     is modified in place). ``kwargs`` go to the torchvision builder.
     """
     if isinstance(name_or_module, str):
-        classes = {} if num_classes is None else {"num_classes": num_classes}
-        model = torchvision.models.get_model(name_or_module, weights=None, **classes, **kwargs)
+        model = torchvision_classifier(name_or_module, num_classes, in_channels, **kwargs)
     elif kwargs:
         raise TypeError(f"builder arguments {sorted(kwargs)} only apply when the model is given by name")
     else:
-        model = name_or_module
-    _, head = _last_linear(model)
-    if num_classes is not None and num_classes != head.out_features:
-        _replace_module(model, head, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
-    stem = _first_conv(model)
-    if in_channels is not None and in_channels != stem.in_channels:
-        _replace_module(model, stem, nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride,
-                                               stem.padding, stem.dilation, stem.groups, stem.bias is not None,
-                                               stem.padding_mode))
+        model = resize(name_or_module, num_classes, in_channels)
     return TorchvisionNet(model, image_size=image_size, feature_node=feature_node)
 
 
@@ -201,13 +214,20 @@ class TimmNet(Net):
         return self.model.forward_head(feature_map, pre_logits=True)
 
 
-def from_timm(name: str, num_classes: int | None = None, in_channels: int | None = None,
-              **kwargs: Any) -> TimmNet:
-    """Build a timm model by name (``pretrained=False``: kd3 never downloads) and wrap it."""
+def timm_classifier(name: str, num_classes: int | None = None, in_channels: int | None = None,
+                    **kwargs: Any) -> nn.Module:
+    """timm's model ``name``, untrained (``pretrained=False``: kd3 never downloads), for ``num_classes`` classes
+    and ``in_channels``-channel input where given; ``kwargs`` go to ``timm.create_model``."""
     try:
         import timm
     except ImportError as error:
         raise ImportError("timm models need the optional extra: pip install 'kd3[timm]'") from error
     options = {key: value for key, value in (("num_classes", num_classes), ("in_chans", in_channels))
                if value is not None}
-    return TimmNet(timm.create_model(name, pretrained=False, **options, **kwargs))
+    return timm.create_model(name, pretrained=False, **options, **kwargs)
+
+
+def from_timm(name: str, num_classes: int | None = None, in_channels: int | None = None,
+              **kwargs: Any) -> TimmNet:
+    """Build a timm model by name (``pretrained=False``: kd3 never downloads) and wrap it."""
+    return TimmNet(timm_classifier(name, num_classes, in_channels, **kwargs))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="an HTML report (curves, selections, image grids, cost) of a run directory")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="an HTML report (curves, selections, image grids, teacher, cost) of a run directory")
+    p.add_argument("run_dir", help="a run directory written by kd3 distill (holds config.yaml and metrics.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=run)
 

@@ -10,7 +10,7 @@ from kd3.report.run import series
 
 # Keys shown elsewhere in the report (curves, cost, selection); every other scalar is a method metric.
 _SHOWN_ELSEWHERE = {"epoch", "loss", "test_acc", "test_loss", "train_images", "epoch_time", "images_per_s",
-                    "elapsed", "selected"}
+                    "elapsed", "selected", "dfnd_kept"}
 
 
 def _keys(history: list[dict[str, Any]]) -> list[str]:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kd3.report.teacher import RunTeacher, read_run_teacher
+
 _SELECTION_FILE = re.compile(r"epoch-(\d+)\.npy")
 
 
@@ -21,6 +23,7 @@ class RunData:
     config: dict[str, Any]  # the same, parsed; a plain mapping so teacher runs can be reported too
     history: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
     selections: dict[int, Path]  # epoch (1-based) -> selections/epoch-NNNN.npy
+    teacher: RunTeacher  # the record of the teacher config.yaml names (class names, accuracies)
 
     @property
     def name(self) -> str:
@@ -49,8 +52,9 @@ def read_run(run_dir: Path) -> RunData:
     folder = run_dir / "selections"
     matches = ((_SELECTION_FILE.fullmatch(p.name), p) for p in folder.glob("epoch-*.npy")) if folder.is_dir() else ()
     selections = {int(m.group(1)): p for m, p in matches if m}
-    return RunData(run_dir=run_dir, config_text=config_text, config=yaml.safe_load(config_text) or {},
-                   history=history, selections=dict(sorted(selections.items())))
+    config = yaml.safe_load(config_text) or {}
+    return RunData(run_dir=run_dir, config_text=config_text, config=config, history=history,
+                   selections=dict(sorted(selections.items())), teacher=read_run_teacher(config))
 
 
 def _finished_records(path: Path) -> list[dict[str, Any]]:

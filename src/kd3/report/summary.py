@@ -6,11 +6,14 @@ from typing import Any
 
 from kd3.report.page import Section, preformatted, table
 from kd3.report.run import RunData, lookup, number
+from kd3.report.teacher import accuracy as recorded_accuracy
+from kd3.report.teacher import teacher_accuracy_rows
 
 # (column, key in a metrics record, format); a column shows only when some epoch logged it.
 _EPOCH_COLUMNS = (("epoch", "epoch", "{:.0f}"), ("lr", "lr", "{:.4g}"), ("train loss", "loss", "{:.4f}"),
                   ("test acc %", "test_acc", "{:.2%}"), ("test loss", "test_loss", "{:.4f}"),
-                  ("selected", "selection.selected", "{:,.0f}"), ("precision", "selection.precision", "{:.3f}"),
+                  ("selected", "selection.selected", "{:,.0f}"), ("selected (method)", "selected", "{:,.0f}"),
+                  ("kept (DFND)", "dfnd_kept", "{:,.0f}"), ("precision", "selection.precision", "{:.3f}"),
                   ("recall", "selection.recall", "{:.3f}"), ("images", "train_images", "{:,.0f}"),
                   ("epoch s", "epoch_time", "{:.1f}"))
 
@@ -26,7 +29,9 @@ def headline(run: RunData) -> str:
     epoch, accuracy = final_accuracy(run)
     result = f"{accuracy:.2%}" if math.isfinite(accuracy) else "not evaluated"
     method = f"method {run.method} · " if run.method else ""  # teacher runs have no method
-    return f"{method}{len(run.history)} epochs logged · test accuracy at the last epoch ({epoch}): {result}"
+    teacher = run.teacher.info
+    beside = f" (teacher test accuracy as recorded: {recorded_accuracy(teacher.test_accuracy)})" if teacher is not None else ""
+    return f"{method}{len(run.history)} epochs logged · test accuracy at the last epoch ({epoch}): {result}{beside}"
 
 
 def cost_section(run: RunData) -> Section:
@@ -39,6 +44,7 @@ def cost_section(run: RunData) -> Section:
     rows = [
         [f"test accuracy at the last epoch (epoch {epoch}; the last, not the best)",
          f"{accuracy:.2%}" if math.isfinite(accuracy) else "not evaluated at this epoch"],
+        *(teacher_accuracy_rows(run.teacher) if run.teacher.path is not None else []),
         ["test loss at the last epoch", _format(number(history[-1].get("test_loss")), "{:.4f}")],
         ["epochs logged", f"{len(history)}" + (f" of {configured}" if configured is not None else "")],
         ["wall time (training and evaluation)", _duration(number(history[-1].get("elapsed")))],

@@ -1,4 +1,4 @@
-"""Instance alignment (METHOD.md §3): an embedding head and the NT-Xent (SimCLR) loss between each
+"""Instance alignment (docs/method.md §3): an embedding head and the NT-Xent (SimCLR) loss between each
 image and its MixDistribution-perturbed version."""
 from __future__ import annotations
 

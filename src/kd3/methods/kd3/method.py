@@ -1,5 +1,5 @@
 """KD³: Tang, Chen, Niu, Sugiyama, Gong, "Distribution Shift Matters for Knowledge Distillation with
-Webly Collected Images", ICCV 2023 — implemented from METHOD.md, not from the released code.
+Webly Collected Images", ICCV 2023 — implemented from docs/method.md, not from the released code.
 
 Per epoch, ``begin_epoch`` rescores the whole pool and keeps the images whose blended
 teacher/student confidence clears a class-adaptive threshold (§1). Per step, the student's last
@@ -8,7 +8,7 @@ the teacher's own pool + classifier on φ(F_S) (classifier sharing); the loss is
 weighted feature alignment to F_T (§2) plus λ · NT-Xent between each image and its
 MixDistribution-perturbed version, for student and teacher embedding heads (§3).
 
-Choices where METHOD.md is silent (each documented at its option too):
+Choices where docs/method.md (the released code) is silent (each documented at its option too):
 - Empty selection: the epoch trains on the whole pool (a warning, and ``empty_selection`` in the
   metrics). Skipping the epoch could stall the run for good: once a(e) = 0 with clean scoring
   nothing would ever change the student again. The whole pool is the selection-off behaviour.

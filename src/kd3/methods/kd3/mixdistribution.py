@@ -1,4 +1,4 @@
-"""MixDistribution (METHOD.md §3): give each image another image's per-channel statistics, partly,
+"""MixDistribution (docs/method.md §3): give each image another image's per-channel statistics, partly,
 keeping its standardised content, so the student learns features that ignore the style shift.
 
 Randomness comes from the global CPU torch generator (the trainer saves and restores it), drawn

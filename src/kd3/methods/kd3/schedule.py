@@ -1,4 +1,4 @@
-"""The teacher's weight a(e) in the blended selection score (METHOD.md §1).
+"""The teacher's weight a(e) in the blended selection score (docs/method.md §1).
 
 Early on the student knows nothing, so selection trusts the teacher (a ≈ 1); the weight decays
 along a Gaussian-shaped curve towards the horizon and is cut to 0 half-way through training, after

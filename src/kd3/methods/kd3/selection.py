@@ -1,4 +1,4 @@
-"""Dynamic instance selection (METHOD.md §1): blend teacher and student logits, then keep the
+"""Dynamic instance selection (docs/method.md §1): blend teacher and student logits, then keep the
 images whose blended confidence clears a FlexMatch-style class-adaptive threshold (``select``), or,
 with a relevance score or ``thresholds: percentile``, the top of each predicted class under a
 global budget (``percentile_select``).

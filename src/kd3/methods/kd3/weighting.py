@@ -1,4 +1,4 @@
-"""Per-instance weights w_i of the feature-alignment loss (METHOD.md §2), pluggable by name.
+"""Per-instance weights w_i of the feature-alignment loss (docs/method.md §2), pluggable by name.
 
 A weight function maps (student logits, teacher logits), both B×K, to B detached weights.
 """
