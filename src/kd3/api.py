@@ -319,6 +319,8 @@ def check_distillation(cfg: DistillConfig) -> Checked:
             preflight.check_pool(pool, spec, preflight.pool_description(cfg.pool))
         else:
             preflight.check_builder(cfg.pool, spec)
+        preflight.check_budget(method_cls, options, cfg.train, spec.num_classes,
+                               len(pool) if pool is not None else cfg.pool.size, preflight.pool_description(cfg.pool))
     return Checked(method_cls, options, spec, eval_data, pool)
 
 
