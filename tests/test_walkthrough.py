@@ -122,7 +122,7 @@ def test_the_example_script_ships_an_onnx_student_whose_accuracy_kd3_eval_confir
     example = Path(__file__).resolve().parents[1] / "examples" / "distill_own_model.py"
     done = subprocess.run([sys.executable, str(example), "--teacher", "resnet18.pth", "--arch", "tv:resnet18",
                            "--classes", "classes.txt", "--images", "crawl", "--labelled", "labelled", "--size", str(SIZE),
-                           "--out", "example", "--epochs", "1", "--steps", "4"],
+                           "--out", "example", "--epochs", "1", "--steps", "4", "--batch-size", "32"],
                           cwd=root, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
