@@ -210,7 +210,7 @@ def test_distill_eval_data_is_decoded_and_matched_to_the_teacher(teacher, folder
     eval_csv.write_text("dog/c.png,dog\nowl/e.gif,2\n")  # a name and an index of the teacher's classes
     cfg = DistillConfig(student="lenet5_half", eval_data=str(eval_csv), teacher=TeacherRef(checkpoint=str(path)),
                         pool=PoolConfig(name="file", path=str(tmp_path / "pool.npz")),
-                        train=TrainConfig(epochs=1, device="cpu"), progress=False)
+                        train=TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)  # a pool of 5 fills one batch
     checked = api.check_distillation(cfg)
     assert checked.eval_data.classes == ["cat", "dog", "owl"] and checked.eval_data.labels.tolist() == [1, 2]
     assert checked.eval_data.images.shape == (2, 3, 16, 16) and len(checked.pool) == len(pool)
@@ -248,7 +248,7 @@ def test_drop_contaminated_config_checks_against_own_data(folder, tmp_path, monk
     cfg = DistillConfig(student="lenet5_half", eval_data="", teacher=TeacherRef(checkpoint=str(path)),
                         pool=PoolConfig(name="file", path=str(tmp_path / "p.npz"), drop_contaminated=True,
                                         contamination_against=str(folder)),
-                        train=TrainConfig(epochs=1, device="cpu"), progress=False)
+                        train=TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)  # 5 images left: one batch
     pool = api.check_distillation(cfg).pool
     assert len(pool) == 5 and torch.equal(pool.images, noise_images)
     assert pool.meta["contamination_dropped"]["against"] == str(folder)

@@ -109,6 +109,19 @@ def test_onnx_on_raw_pixels_gives_kd3_evals_accuracy_and_names_the_classes(shipp
     assert onnx_accuracy > 100 / len(CLASSES) + 20  # the student learned the task: a wrong input contract would not
 
 
+def test_the_run_measures_the_imported_teacher_on_the_same_eval_data_and_reports_it(shipped):
+    """An imported teacher has no accuracy of its own: the run measures it on eval_data, as kd3 eval does."""
+    root, run_dir, _ = shipped
+    recorded = json.loads((run_dir / "teacher_eval.json").read_text())
+    table = kd3(root, "eval", "teacher.pt", "--data", "labelled")
+    assert f"{100 * recorded['accuracy']:.2f}" == re.search(r"(\d+\.\d+) ± ", table).group(1)
+    assert recorded["images"] == 60 and recorded["eval_data"] == "labelled"
+    kd3(root, "report", str(run_dir))
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "teacher accuracy on the same eval data (labelled, 60 images)" in page
+    assert "crimson, leaf, sky" in page and "No selection" not in page
+
+
 def test_every_shipped_format_gives_the_same_accuracy_through_kd3_eval(shipped):
     root, run_dir, _ = shipped
     accuracies = {name: re.search(r"(\d+\.\d+) ± ", kd3(root, "eval", str(run_dir / name), "--data", "labelled")).group(1)

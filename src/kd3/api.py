@@ -1,6 +1,7 @@
 """The library entry points the CLI calls: train a teacher, distil a student, evaluate a model."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, load_conf
 from kd3.data.augment import CropFlip, Normalizer
 from kd3.data.contamination import drop_contaminated, evaluation_images, pool_contamination
 from kd3.data.labelled import load_labelled
-from kd3.data.pool import Pool
+from kd3.data.pool import Pool, atomic_write
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
 from kd3.engine import checkpoint, distributed, faults, run_lock, signals
@@ -406,6 +407,8 @@ def _distill(cfg: DistillConfig, resume: Path | None, stop_after: int | None, al
                                  checked.method_cls.uses_original_data)
         if resume is None:
             record_inputs(run_dir, inputs)
+            if eval_data is not None and distributed.is_main():
+                record_teacher_accuracy(run_dir, method.ctx, eval_data, cfg.eval_data)
         else:  # before the checkpoint is read: its per-image state belongs to the inputs it was trained on
             pending_inputs = check_inputs(run_dir, inputs, allow_changed_inputs)
     except KeyboardInterrupt as stop:  # say this run's state, not that of a teacher it was training
@@ -431,10 +434,33 @@ def _distill(cfg: DistillConfig, resume: Path | None, stop_after: int | None, al
     return result
 
 
+TEACHER_EVAL = "teacher_eval.json"
+
+
+def record_teacher_accuracy(run_dir: Path, ctx: DistillContext, eval_data: LabelledData, name: str) -> None:
+    """The teacher's accuracy on the run's eval data, measured once when the run starts, so the student
+    is compared with its teacher on the same images (an imported teacher has no accuracy of its own)."""
+    result = evaluate(ctx.teacher, eval_data.images, eval_data.labels, ctx.normalize, ctx.device)
+    record = {"eval_data": name, "accuracy": result.accuracy, "standard_error": result.standard_error,
+              "images": result.count}
+    with faults.writing(run_dir / TEACHER_EVAL, "nothing was trained"):
+        atomic_write(run_dir / TEACHER_EVAL, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def read_teacher_accuracy(run_dir: Path) -> dict[str, Any] | None:
+    """What ``record_teacher_accuracy`` wrote, or None (no eval data, or a run from an older kd3)."""
+    try:
+        return json.loads((run_dir / TEACHER_EVAL).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _deliver(method: Method, info: TeacherInfo, run_dir: Path, result: RunResult, eval_count: int) -> None:
     """The shipped student (``export_student``), unless it is no deliverable (``faults.chance_failure``):
     then nothing is exported and ``TrainingFailed`` says why."""
-    problem = faults.chance_failure(result.accuracy, eval_count, info.num_classes, info.val_accuracy)
+    measured = read_teacher_accuracy(run_dir)  # on the run's own eval data; else the teacher's own record
+    teacher_accuracy = measured["accuracy"] if measured is not None else info.val_accuracy
+    problem = faults.chance_failure(result.accuracy, eval_count, info.num_classes, teacher_accuracy)
     if problem is not None:
         raise faults.TrainingFailed(f"{problem}; not exported as student.ts (see {run_dir / faults.FAILED_NOTE}); "
                                     f"the weights are in {run_dir / 'last.pt'}")

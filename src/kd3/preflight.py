@@ -8,6 +8,7 @@ split it would train on), the eval split, and the builders' fixed image shape.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from kd3.engine.logging import summary_writer_class
 from kd3.methods.base import Method, get_method
 from kd3.models.registry import UnknownModel, check_model_name
 from kd3.paths import expand
+
+MIN_BATCH = 2  # BatchNorm needs two images in a batch for its statistics
 
 
 def method_options(method_cls: type[Method], values: dict[str, Any]) -> Any:
@@ -35,7 +38,11 @@ def check_method(values: dict[str, Any]) -> tuple[type[Method], Any]:
 
 
 def check_train(train: TrainConfig) -> None:
-    """What ``train:`` needs from this machine (ranges were checked when the config was read)."""
+    """What ``train:`` needs from this machine (ranges were checked when the config was read), and
+    a batch BatchNorm can train on."""
+    if train.batch_size < MIN_BATCH:
+        raise ConfigError(f"train.batch_size={train.batch_size}: a batch of one image gives BatchNorm no batch statistics, "
+                          f"so training fails or learns nothing; use train.batch_size={MIN_BATCH} or more (default 256)")
     check_device(train.device)
     if train.logger == "tensorboard":
         summary_writer_class()
@@ -153,6 +160,44 @@ def check_pool(pool: Pool, spec: InputSpec, what: str) -> None:
         raise ConfigError(f"{what} holds no images: nothing to distil on (an ingest that decoded nothing, "
                           "or pool.oracle=true on a pool without relevant images)")
     require_match(spec, tuple(pool.images.shape[1:]), None, what)
+
+
+def images_per_epoch(options: Any, pool_size: int) -> tuple[int, str, str]:
+    """The most pool images one epoch can train on under the method's ``options``, the words that say
+    why, and the knob that raises it ("" when it is the whole pool): a fixed budget (DFND's ``keep``),
+    ``keep_fraction`` where it caps the selection (DFND; KD³ with percentile thresholds), else the
+    whole pool (KD³'s FlexMatch thresholds and DFND's estimated budget select a data-dependent share of it)."""
+    if getattr(options, "budget", "fixed") != "fixed":  # DFND's budget estimated from the data: not known here
+        return pool_size, f"a pool of {pool_size} image{'s' * (pool_size != 1)}", ""
+    keep = getattr(options, "keep", None)
+    if keep is not None:
+        return min(int(keep), pool_size), f"method.keep={keep} of {pool_size} pool images", "method.keep"
+    fraction = getattr(options, "keep_fraction", None)
+    if fraction is None or not getattr(options, "selection", True) or getattr(options, "threshold_rule", "percentile") != "percentile":
+        return pool_size, f"a pool of {pool_size} image{'s' * (pool_size != 1)}", ""
+    return (math.floor(fraction * pool_size), f"method.keep_fraction={fraction:g} of {pool_size} pool images",
+            "method.keep_fraction")
+
+
+def check_budget(method_cls: type[Method], options: Any, train: TrainConfig, num_classes: int, pool_size: int,
+                 what: str) -> None:
+    """A pool method trains on at least one batch per epoch, and a budget shared equally by the
+    classes (KD³'s percentile thresholds, DFND's ``per_class``) leaves every class an image: a run on
+    less trains on almost nothing, and its at-chance student would then be blamed on the learning rate."""
+    if method_cls.uses_original_data:
+        return
+    trained, why, knob = images_per_epoch(options, pool_size)
+    fixes = [f"a pool of at least {train.batch_size} images" if not knob else f"a larger {knob} or a bigger pool"]
+    if trained < train.batch_size:
+        if trained >= MIN_BATCH:
+            fixes.append(f"train.batch_size={trained} or less")
+        raise ConfigError(f"{what}: an epoch can train on at most {trained} image{'s' * (trained != 1)} ({why}), fewer than one batch "
+                          f"(train.batch_size={train.batch_size}); use {' or '.join(fixes)}")
+    shared = getattr(options, "per_class", False) or (getattr(options, "selection", False)
+                                                       and getattr(options, "threshold_rule", "") == "percentile")
+    if shared and trained < num_classes:
+        raise ConfigError(f"{what}: the selection budget of {trained} images ({why}) is shared equally by the teacher's "
+                          f"{num_classes} classes, so no class keeps an image; use a larger {knob} or a bigger pool")
 
 
 def pool_description(pool: PoolConfig) -> str:

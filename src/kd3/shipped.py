@@ -76,14 +76,17 @@ def _as_is(images: torch.Tensor) -> torch.Tensor:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    """The first sentence of a loader's message: torch's go on with paragraphs of advice."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")[:200]
 
 
 def _preprocessing(path: Path, meta: dict[str, Any], required: tuple[str, ...]) -> Preprocessing:
     missing = [key for key in required if key not in meta]
     if missing:
-        raise ValueError(f"{path} has no kd3 metadata ({', '.join(missing)} missing): not a model kd3 exported, or "
-                         "an older kd3's .onnx (write it again with `kd3 export RUN_DIR --format onnx`)")
+        older = (", or an older kd3's .onnx (write it again with `kd3 export RUN_DIR --format onnx`)"
+                 if path.suffix == ".onnx" else "")
+        raise ValueError(f"{path} has no kd3 metadata ({', '.join(missing)} missing): not a model kd3 exported{older}")
     try:
         return Preprocessing(int(meta["image_size"]), int(meta["in_channels"]), tuple(meta["mean"]), tuple(meta["std"]),
                              tuple(meta["classes"]))

@@ -5,6 +5,11 @@ shard order then member order), so the pool is the same whatever the number of w
 folder and shards holding the same images in the same order give byte-identical pools. With an
 output directory the images are written as they arrive (memory stays bounded by a few tasks'
 worth of images); files that do not decode are skipped and counted per reason.
+
+``out`` is written only when it is new, empty or a pool kd3 wrote (``kd3.data.pool.is_pool``):
+a user's own files there are never replaced. The temp files a killed ingest left in it are
+removed first; a write that fails (a full disk, a read-only directory) is one
+``kd3.engine.faults.WriteFailed`` line (exit 4) and leaves no temp file behind.
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ import numpy as np
 import torch
 
 from kd3.data.decode import read_and_decode
-from kd3.data.pool import Pool, write_pool_arrays
+from kd3.data.pool import META_FILE, POOL_FILES, Pool, atomic_write, is_pool, write_pool_arrays
 from kd3.data.shards import decode_shard, expand_shards, is_shard_spec
-from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter
+from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter, is_temp_of, remove_stale_temps
+from kd3.engine import faults
 from kd3.utils.progress import progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
@@ -116,18 +122,24 @@ def default_workers() -> int:
 
 
 class _Sink:
-    """Where decoded chunks go: a growing list (in-memory pool) or an images file on disk."""
+    """Where decoded chunks go: a growing list (in-memory pool) or an images file on disk, whose
+    failed writes are ``WriteFailed`` saying ``kept``."""
 
-    def __init__(self, out: Path | None, row_shape: tuple[int, int, int]):
+    def __init__(self, out: Path | None, row_shape: tuple[int, int, int], kept: str = ""):
         self.directory = out if out is not None and out.suffix != ".npz" else None
-        self.writer = ImageWriter(self.directory / IMAGES_FILE, row_shape) if self.directory else None
+        self.kept = kept
+        self.writer = None
+        if self.directory is not None:
+            with faults.writing(self.directory / IMAGES_FILE, kept):
+                self.writer = ImageWriter(self.directory / IMAGES_FILE, row_shape)
         self.parts: list[np.ndarray] = []
         self.metadata: list[dict] = []
         self.count = 0
 
     def add(self, images: np.ndarray, metadata: list[dict]) -> None:
         if self.writer is not None:
-            self.writer.write(images)
+            with faults.writing(self.writer.path, self.kept):
+                self.writer.write(images)
         else:
             self.parts.append(images)
         self.metadata += metadata
@@ -135,12 +147,38 @@ class _Sink:
 
     def images(self):
         if self.writer is not None:
-            return DiskImages(self.writer.close())
+            with faults.writing(self.writer.path, self.kept):
+                return DiskImages(self.writer.close())
         return torch.from_numpy(np.concatenate(self.parts))
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+
+
+def check_out(out: Path) -> str:
+    """Refuse an ``out`` that holds what kd3 did not write (``is_pool``: a pool directory's meta.json
+    records kd3's digest), remove the temp files a killed ingest left there, and say what a failed
+    write will leave (for the ``WriteFailed`` line)."""
+    if out.suffix == ".npz":
+        if out.exists() and not is_pool(out):
+            raise ValueError(f"--out {out} exists and is not a kd3 pool .npz; kd3 data ingest writes a new file or "
+                             "over a pool it wrote: give another --out")
+        remove_stale_temps(out.parent, [out.name])
+        return f"the previous {out} is unchanged" if out.exists() else "no partial file is left"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a pool directory: give a new directory, or a .npz path")
+    names = (*POOL_FILES, SIDECAR_FILE)
+    if not out.is_dir():
+        return "no partial file is left"
+    others = sorted(entry.name for entry in out.iterdir() if not is_temp_of(entry, names))
+    if others and not is_pool(out):
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        why = "its meta.json is not one kd3 wrote" if (out / META_FILE).exists() else "it has no kd3 meta.json"
+        raise ValueError(f"--out {out} is not a kd3 pool directory ({why}; it holds {shown}): kd3 data ingest writes only "
+                         "into a new or empty directory or over a pool it wrote; give another --out")
+    remove_stale_temps(out, names)
+    return f"the pool already in {out} is unchanged" if others else "no partial file is left"
 
 
 def check_geometry(size: int, channels: int) -> None:
@@ -203,7 +241,8 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
         work = partial(decode_files, size=size, channels=channels)
         kind, unit, spec = {"directory": str(root)}, "task", str(root)
     out_path = Path(out) if out is not None else None
-    sink = _Sink(out_path, (channels, size, size))
+    kept = check_out(out_path) if out_path is not None else ""
+    sink = _Sink(out_path, (channels, size, size), kept)
     reasons: Counter[str] = Counter()
     bad_paths: list[str] = []
     started = time.perf_counter()
@@ -231,20 +270,19 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
             "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons)}}
     pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=np.array([source_path(m) for m in sink.metadata]))
     if sink.directory is not None:
-        write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
-        _write_sidecar(sink.directory / SIDECAR_FILE, sink.metadata)
+        with faults.writing(sink.directory, f"{sink.directory} holds the new images but not all their arrays: "
+                                            "ingest again once it can be written"):
+            write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
+            _write_sidecar(sink.directory / SIDECAR_FILE, sink.metadata)
         pool = Pool.load(sink.directory)
     elif out_path is not None:
-        pool.save(out_path)
+        with faults.writing(out_path, kept):
+            pool.save(out_path)
     return pool, report
 
 
 def _write_sidecar(path: Path, metadata: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for record in metadata:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines((json.dumps(record, sort_keys=True) + "\n").encode() for record in metadata))
 
 
 def ingest_folder(directory: str | os.PathLike, size: int, channels: int,

@@ -10,12 +10,20 @@ precision / recall; methods must never read it. Pools ingested from a folder hav
 ``meta['provenance']`` is False, ``relevant`` is all False and ``true_label`` all -1. They have
 ``paths`` instead, where each image came from (a file, or ``shard.tar:member``), so a report that
 names a pool image can name the file; built pools have none (``paths`` is None).
+
+A pool directory is kd3's when its meta.json is a JSON object holding the ``digest`` and
+``digest_of`` that ``write_pool_arrays`` records (``is_pool``): ingest writes over such a
+directory, never over one it did not make. A file that is no kd3 pool (another ``.npz``, random
+bytes, a truncated download, a FIFO or a device) is refused in one line naming it (``Pool.load``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd3.data.storage import IMAGES_FILE, DiskImages, PoolImages, chunks, take
-from kd3.utils.safe_load import read_npy, read_npz
+from kd3.data.storage import IMAGES_FILE, DiskImages, PoolImages, chunks, take, temp_name
+from kd3.utils.safe_load import UnsafeFileError, read_npy, read_npz
 
 UNKNOWN_LABEL = -1
 _ARRAYS = ("images", "source", "style", "relevant", "true_label")
 META_FILE = "meta.json"
 PATHS = "paths"  # the optional array of source paths (``paths`` in a .npz, paths.npy in a directory)
 DIGEST_CHUNK = 8192  # images hashed at a time: the digest never needs the whole pool in memory
+# The files every pool directory holds (write_pool_arrays, ImageWriter), and those it may hold.
+REQUIRED_FILES = (IMAGES_FILE, META_FILE, *(f"{name}.npy" for name in _ARRAYS[1:]))
+POOL_FILES = (*REQUIRED_FILES, f"{PATHS}.npy")
+NOT_A_POOL = "is not a kd3 pool (an .npz or a directory written by `kd3 data ingest` or `kd3 data build`)"
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass
@@ -149,29 +162,129 @@ class Pool:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pool:
-        """A pool ``.npz`` (read into memory) or a pool directory (images stay on disk)."""
+        """A pool ``.npz`` (read into memory) or a pool directory (images stay on disk).
+
+        Anything else raises one line naming the file: ``FileNotFoundError`` when it is missing,
+        ``ValueError`` for a FIFO or device (refused before it is opened: reading a FIFO would wait
+        forever), a file that is no zip, an ``.npz`` without the pool arrays, a damaged one;
+        ``kd3.utils.safe_load.UnsafeFileError`` for a pickled array. Nothing in the file is run."""
         path = Path(path)
         if path.is_dir():
             return cls._load_directory(path)
-        z = read_npz(path, "kd3 pool")  # allow_pickle=False, a pickled array refused by name
-        return cls(
-            images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
-            relevant=z["relevant"], true_label=z["true_label"],
-            meta=json.loads(str(z["meta"])), paths=z.get(PATHS),
-        )
+        require_regular_file(path)
+        members = _npz_members(path)
+        missing = [name for name in (*_ARRAYS, "meta") if name not in members]
+        if missing:
+            raise ValueError(f"{path} {NOT_A_POOL}: it holds {', '.join(sorted(members)) or 'no arrays'}, "
+                             f"not {', '.join(missing)}")
+        try:
+            z = read_npz(path, "kd3 pool")  # allow_pickle=False, a pickled array refused by name
+            return cls(
+                images=torch.from_numpy(z["images"]), source=z["source"], style=z["style"],
+                relevant=z["relevant"], true_label=z["true_label"],
+                meta=_meta_object(json.loads(str(z["meta"]))), paths=z.get(PATHS),
+            )
+        except UnsafeFileError:
+            raise
+        except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            # A member cut short or damaged (CRC, zlib), or arrays of the wrong kind.
+            raise ValueError(f"{path} {NOT_A_POOL}: {_detail(error)}") from None
 
     @classmethod
     def _load_directory(cls, directory: Path) -> Pool:
-        missing = [name for name in (IMAGES_FILE, META_FILE, *(f"{a}.npy" for a in _ARRAYS[1:]))
-                   if not (directory / name).is_file()]
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{directory} is not a complete kd3 pool directory: {', '.join(missing)} "
-                                    "missing (write one with `kd3 data ingest ... --out DIR`)")
-        arrays = {name: read_npy(directory / f"{name}.npy", "kd3 pool") for name in _ARRAYS[1:]}
+            raise FileNotFoundError(f"{directory} is not a complete kd3 pool directory: no regular file {', '.join(missing)} "
+                                    "there (write one with `kd3 data ingest ... --out DIR`)")
+        arrays = {name: _read_array(directory / f"{name}.npy") for name in _ARRAYS[1:]}
         if (directory / f"{PATHS}.npy").is_file():
-            arrays[PATHS] = read_npy(directory / f"{PATHS}.npy", "kd3 pool")
-        meta = json.loads((directory / META_FILE).read_text())
-        return cls(images=DiskImages(directory / IMAGES_FILE), meta=meta, **arrays)
+            arrays[PATHS] = _read_array(directory / f"{PATHS}.npy")
+        meta = read_meta(directory)
+        images = DiskImages(directory / IMAGES_FILE)  # a damaged images file names itself
+        try:
+            return cls(images=images, meta=meta, **arrays)
+        except ValueError as error:  # arrays of different lengths: files of two different pools
+            raise ValueError(f"{directory} is not a consistent kd3 pool: {_detail(error)}; "
+                             "ingest or build it again") from None
+
+
+def require_regular_file(path: Path) -> None:
+    """``path`` exists and is a regular file (or a link to one), checked with ``stat`` before anything
+    opens it: a FIFO would block the reader forever, a device would feed it endless bytes."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist (write a pool with `kd3 data ingest`)") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise ValueError(f"{path} {NOT_A_POOL}: it is {kind}, not a regular file; nothing was read from it")
+
+
+def is_pool(path: Path) -> bool:
+    """Whether ``path`` holds a pool kd3 wrote: a directory whose meta.json is a JSON object with the
+    ``digest`` and ``digest_of`` keys ``write_pool_arrays`` records, or an ``.npz`` with every pool array.
+    What ``kd3 data ingest --out`` may write over."""
+    try:
+        if path.is_dir():
+            meta = read_meta(path)
+            return "digest" in meta and "digest_of" in meta
+        require_regular_file(path)
+        return all(name in _npz_members(path) for name in (*_ARRAYS, "meta"))
+    except (ValueError, OSError):
+        return False
+
+
+def read_meta(directory: Path) -> dict:
+    """A pool directory's meta.json; a damaged one is named in a one-line ``ValueError``."""
+    path = directory / META_FILE
+    require_regular_file(path)
+    try:
+        return _meta_object(json.loads(path.read_text()))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, or JSON that is no object
+        raise ValueError(f"{path} is not the JSON object kd3 writes ({_detail(error)}); restore it, or write the pool "
+                         f"again with `kd3 data ingest SOURCE ... --out {directory}`") from None
+
+
+def _meta_object(meta: object) -> dict:
+    if not isinstance(meta, dict):
+        raise ValueError(f"pool meta is a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
+def _npz_members(path: Path) -> set[str]:
+    """The array names of the ``.npz`` ``path``, from its zip directory alone (no array is read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        hint = "; give the pool directory that holds it" if path.suffix == ".npy" else ""
+        raise ValueError(f"{path} {NOT_A_POOL}: it is not a zip archive (a truncated download, or another kind "
+                         f"of file){hint}") from None
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """One array of a pool directory; a file that is no ``.npy`` named as such (numpy's own words for
+    it would suggest allow_pickle, which is the wrong advice for a file kd3 should have written)."""
+    require_regular_file(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        raise ValueError(f"{path} is not a .npy array of a kd3 pool (its first bytes are not numpy's); "
+                         "ingest or build the pool again")
+    try:
+        return read_npy(path, "kd3 pool")
+    except UnsafeFileError:
+        raise
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npy array of a kd3 pool ({_detail(error)}); "
+                         "ingest or build the pool again") from None
+
+
+def _detail(error: BaseException) -> str:
+    """The first line of a loader's error, without numpy's advice to enable allow_pickle."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return "it holds pickled data, which a kd3 pool never holds" if "allow_pickle" in line else line
 
 
 def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -191,7 +304,7 @@ def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict
 def atomic_write(path: Path, write) -> None:
     """Write through a temp file, fsync, rename; a failed write (a full disk) leaves no temp file
     behind and the previous ``path``, if any, untouched."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

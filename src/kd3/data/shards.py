@@ -10,6 +10,7 @@ order, so a pool ingested from shards has a deterministic order, and a member th
 from __future__ import annotations
 
 import glob
+import io
 import json
 import tarfile
 import zlib
@@ -73,11 +74,14 @@ def _tar_members(path: str) -> Iterator[tuple[str, bytes | None, str]]:
     (the members after it are still read).
 
     Read member by member with ``tarfile``: ``ignore_zeros`` steps over the end-of-archive blocks of
-    concatenated tars and block by block over damage to the next valid header, and every byte the
-    reader stepped over is checked (zeros are padding; anything else is counted as damage).
+    concatenated tars and block by block over damage to the next valid header. In an uncompressed
+    tar every byte the reader stepped over is checked (zeros are padding; anything else is counted
+    as damage); a compressed one is not looked back into (that would decompress it again from its
+    start), so damage there costs the members it hit, uncounted.
     """
     with tarfile.open(path, "r:*", ignore_zeros=True) as tar:
-        raw, end, found = tar.fileobj, 0, False
+        raw = tar.fileobj if isinstance(tar.fileobj, io.BufferedReader) else None
+        end, found = 0, False
         while True:
             try:
                 member = tar.next()
@@ -114,8 +118,11 @@ def _tar_members(path: str) -> Iterator[tuple[str, bytes | None, str]]:
             yield path, None, "truncated tar" if found else "unreadable shard"
 
 
-def _has_data(raw: BinaryIO, start: int, stop: int | None) -> bool:
-    """Whether bytes ``start``..``stop`` (None: the end) of the archive hold anything but zeros."""
+def _has_data(raw: BinaryIO | None, start: int, stop: int | None) -> bool:
+    """Whether bytes ``start``..``stop`` (None: the end) of the uncompressed archive ``raw`` hold anything
+    but zeros; False for a compressed one (None)."""
+    if raw is None or (stop is not None and stop <= start):
+        return False
     raw.seek(start)
     left = None if stop is None else stop - start
     while left is None or left > 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +42,23 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the ``temp_name`` files in ``directory`` whose writing process no longer runs (a
-    killed ingest or pool build); a live writer's temp files are left alone. Returns those removed."""
-    removed = []
+def is_temp_of(entry: Path, names: Collection[str]) -> bool:
+    """Whether ``entry`` is a ``temp_name`` of one of the file ``names``."""
+    found = _TEMP.fullmatch(entry.name)
+    return found is not None and found["name"] in names
+
+
+def remove_stale_temps(directory: Path, names: Collection[str]) -> list[Path]:
+    """Delete the ``temp_name`` files of ``names`` in ``directory`` whose writing process no longer
+    runs (a killed ingest or pool build); a live writer's temp files, and any other file, are left
+    alone. Returns those removed."""
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
         found = _TEMP.fullmatch(entry.name)
-        if found is None or int(found["pid"]) <= 0 or _process_alive(int(found["pid"])) or not entry.is_file():
+        if (found is None or found["name"] not in names or int(found["pid"]) <= 0 or _process_alive(int(found["pid"]))
+                or not entry.is_file()):
             continue
         entry.unlink(missing_ok=True)
         removed.append(entry)
@@ -87,7 +95,7 @@ class DiskImages:
                 shape, fortran, dtype = read_header(f)
             except ValueError as error:  # numpy: no magic string, or a header that is no array description
                 raise ValueError(f"{self.path} is not a kd3 pool images file (a uint8 .npy written by kd3 data ingest): "
-                                 f"{(str(error).splitlines() or [type(error).__name__])[0][:120]}") from None
+                                 f"{(str(error).split(';')[0].splitlines() or [type(error).__name__])[0][:120]}") from None
             self.offset = f.tell()
         if dtype != np.uint8 or fortran or len(shape) != 4:
             raise ValueError(f"{self.path}: pool images must be a C-ordered uint8 N×C×H×W array, "

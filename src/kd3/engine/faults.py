@@ -71,15 +71,21 @@ def chance_failure(accuracy: float, count: int, num_classes: int, teacher_accura
 
     The rule: its last-epoch test accuracy is not above ``chance_threshold`` (1/K + 3 binomial SEs)
     while its teacher's recorded accuracy is. A teacher at chance itself (or none recorded, or no
-    test set) gives nothing to fall short of, so the student is then not judged."""
-    if not math.isfinite(accuracy) or not count or teacher_accuracy is None or not math.isfinite(teacher_accuracy):
+    test set) gives nothing to fall short of, so the student is then not judged. With a test set,
+    an accuracy that is not a number (a student whose outputs are not finite, or one never
+    evaluated) is never a deliverable, whatever the teacher."""
+    if count and not math.isfinite(accuracy):
+        return (f"the student's test accuracy on {count} images is {accuracy} (not a number): its outputs are not "
+                "finite or it was never evaluated; check that the pool (or its selection) holds at least a batch of images")
+    if not count or teacher_accuracy is None or not math.isfinite(teacher_accuracy):
         return None
     threshold = chance_threshold(num_classes, count)
     if teacher_accuracy <= threshold or accuracy > threshold:
         return None
     return (f"the student is at chance: test accuracy {100 * accuracy:.2f}% is not above {100 * threshold:.2f}% "
             f"(1/{num_classes} + 3 SE on {count} images) while the teacher reaches {100 * teacher_accuracy:.2f}%; "
-            "training diverged without a NaN or was far too short (train.lr too high? train.epochs too few?)")
+            "training diverged without a NaN, was far too short or saw too few images (train.lr too high? "
+            "train.epochs too few? a pool or selection of only a few batches?)")
 
 
 FAILED_NOTE = "student.FAILED"  # in a run directory in place of student.ts: why there is no student

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,38 @@ class MetricsLog:
         self._purge_step: int | None = None
 
     def truncate_after(self, epoch: int) -> None:
-        """On resume, drop lines of epochs after the checkpoint (they will be re-run)."""
+        """On resume, drop lines of epochs after the checkpoint (they will be re-run). A line that is
+        no record (the last one torn by a kill mid-write) is moved to ``metrics.jsonl.damaged`` with
+        one warning: the checkpoint, not this log, is what a resume continues from."""
         self._purge_step = epoch + 1  # TensorBoard drops its events of those epochs when it reopens
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
+        records, damaged = self._parse()
+        if damaged:
+            aside = self.path.with_name(self.path.name + ".damaged")
+            with aside.open("a") as handle:
+                handle.write("".join(line + "\n" for _, line in damaged))
+            numbers = ", ".join(str(number) for number, _ in damaged)
+            print(f"kd3: warning: {self.path}: line {numbers} is not a whole JSON record (a write cut short?); "
+                  f"moved to {aside}, resuming from the checkpoint", file=sys.stderr)
+        kept = [line for record, line in records if record["epoch"] <= epoch]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def _parse(self) -> tuple[list[tuple[dict[str, Any], str]], list[tuple[int, str]]]:
+        """(record, line) of every whole record, and (line number, line) of every line that is none."""
+        records, damaged = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append((record, line))
+            else:
+                damaged.append((number, line))
+        return records, damaged
 
     def write(self, record: dict[str, Any]) -> None:
         plain = _plain(record)
@@ -94,9 +121,10 @@ class MetricsLog:
         self._writer.flush()  # like the JSONL line: on disk before the next epoch starts
 
     def read(self) -> list[dict[str, Any]]:
+        """Every whole record (a torn line is left out; ``truncate_after`` reports and moves it)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [record for record, _ in self._parse()[0]]
 
 
 _NUMBER = re.compile(r"[-+]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?|nan|")

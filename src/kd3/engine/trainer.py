@@ -149,10 +149,15 @@ class Trainer:
             # Moved aside, or the next save would keep the damaged file as prev.pt over the good one.
             if last.exists():
                 last.replace(last.with_name(LAST + ".damaged"))
-        self.method.load_state_dict(state["method"])
-        self.method.load_method_state(state["method_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._check_fits(state["method"])
+        try:
+            self.method.load_state_dict(state["method"])
+            self.method.load_method_state(state["method_state"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(self._misfit(f"its state does not load ({type(error).__name__}: "
+                                          f"{(str(error).strip().splitlines() or [''])[0][:120]})")) from None
         # Under another world size, a rank without a saved state of its own takes a fresh seed.
         ranks_rng = state.get("ranks_rng", [state["rng"]])
         if distributed.rank() < len(ranks_rng):
@@ -165,6 +170,26 @@ class Trainer:
         if distributed.is_main():
             self.log.truncate_after(self.start_epoch)
         distributed.barrier()
+
+    def _check_fits(self, saved: dict[str, torch.Tensor]) -> None:
+        """The checkpoint's weights are those of the model this run's config builds now, or a
+        ``ValueError`` says which differ (config.yaml edited to another student or method?)."""
+        own = self.method.state_dict()
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        reshaped = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+        if not (missing or unexpected or reshaped):
+            return
+        counts = ", ".join(f"{len(keys)} {what}" for keys, what in ((missing, "missing"), (unexpected, "not in the model"),
+                                                                   (reshaped, "of another shape")) if keys)
+        first = (f"{reshaped[0]} is {tuple(saved[reshaped[0]].shape)} there, {tuple(own[reshaped[0]].shape)} now"
+                 if reshaped else f"e.g. {(missing or unexpected)[0]}")
+        raise ValueError(self._misfit(f"its weights are not this model's ({counts}; {first})"))
+
+    def _misfit(self, what: str) -> str:
+        return (f"--resume {self.run_dir}: the checkpoint {self.run_dir / LAST} does not fit the model "
+                f"{self.run_dir / 'config.yaml'} builds now: {what}; was config.yaml edited to another model or method? "
+                "restore it, or start a new run")
 
     # -- the loop ------------------------------------------------------------------------------
     def _autocast(self):

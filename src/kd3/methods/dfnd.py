@@ -14,7 +14,12 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    come from one teacher pass on clean views (``kd3.scores.teacher_outputs``). With ``per_class``
    each teacher-predicted class keeps the first-ranked of its own images up to an equal share of
    the budget (``percentile_select_count``, KD³'s class-adaptive rule), so a class that absorbs the
-   pool's junk cannot crowd the others out.
+   pool's junk cannot crowd the others out. With ``budget="relative_density"`` (a kd3 addition,
+   issue 22) N is not fixed but read off the pool: N = round(ŝ · pool size), ŝ the share of images
+   whose density ratio favours "relevant" (``kd3.scores.share.relative_density``: the seeded
+   class-conditional fit of ``bn_grid_maha`` against one Gaussian fitted on the whole pool, Ren et
+   al.'s relative Mahalanobis); ``score`` still decides which N images are kept. ``keep`` and
+   ``keep_fraction`` are then unused. The estimate is logged (``dfnd_estimated_share``).
 2. **Training** on the kept images with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
@@ -53,13 +58,17 @@ from kd3.methods.kd3.selection import percentile_select_count
 from kd3.methods.losses import kd_loss
 from kd3.methods.teacher_outputs import TeacherLogits, check_mixing
 from kd3.models.base import Net
-from kd3.scores import compute_score, resolve, teacher_outputs
+from kd3.scores import TeacherOutputs, compute_score, fitted, resolve, teacher_outputs
+from kd3.scores.share import relative_density
+
+BUDGETS = ("fixed", "relative_density")
 
 
 @dataclass
 class DFNDOptions:
     keep: int | None = None  # number of pool images kept; overrides keep_fraction
     keep_fraction: float = 0.3  # share of the pool kept when keep is not set
+    budget: str = "fixed"  # fixed (keep / keep_fraction) | relative_density (the pool's estimated relevant share)
     per_class: bool = False  # each teacher-predicted class keeps its equal share of the budget (KD³'s percentile rule)
     score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
@@ -84,7 +93,11 @@ def teacher_scores(ctx: DistillContext, score: str = "cross_entropy",
     """Score every pool image on its clean view: (score, lower = kept first; max softmax; argmax)."""
     check_score(score)
     assert ctx.teacher is not None
-    outputs = teacher_outputs(ctx.teacher, ctx.images, ctx.normalize, chunk, ctx.device, ctx.progress)
+    return ranking_of(teacher_outputs(ctx.teacher, ctx.images, ctx.normalize, chunk, ctx.device, ctx.progress), score)
+
+
+def ranking_of(outputs: TeacherOutputs, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``teacher_scores`` from an existing teacher pass."""
     top_log_p, labels = F.log_softmax(outputs.logits, dim=1).max(dim=1)
     # CE(z, argmax z) = −log max softmax; relevance scores are higher = more relevant, hence negated.
     ranking = -top_log_p if score == "cross_entropy" else -compute_score(score, outputs)
@@ -133,6 +146,8 @@ class DFND(Method):
         check_score(options.score)
         self.mixing = Mixing(options.mix, options.mix_alpha)
         check_mixing(self.mixing, options.teacher_views)  # now, not after the selection pass
+        if options.budget not in BUDGETS:
+            raise ValueError(f"DFND budget={options.budget!r}: use one of {', '.join(BUDGETS)}")
         if options.keep is None and not 0.0 < options.keep_fraction <= 1.0:
             raise ValueError(f"DFND keep_fraction must lie in (0, 1], got {options.keep_fraction}")
         if options.keep is not None and options.keep < 1:
@@ -143,17 +158,26 @@ class DFND(Method):
         self.kept: torch.Tensor | None = None  # pool indices, ascending
         self.kept_scores: torch.Tensor | None = None
         self.kept_labels: torch.Tensor | None = None
+        self.estimated_share: float | None = None  # budget=relative_density: the pool's estimated relevant share
         self._teacher_logits: TeacherLogits | None = None
         self._position: torch.Tensor | None = None
 
     # -- selection -----------------------------------------------------------------------------
     def keep_count(self) -> int:
         n = self.ctx.pool_size
-        count = self.options.keep if self.options.keep is not None else round(self.options.keep_fraction * n)
+        if self.estimated_share is not None:
+            count = round(self.estimated_share * n)
+        else:
+            count = self.options.keep if self.options.keep is not None else round(self.options.keep_fraction * n)
         return max(1, min(n, count))
 
     def select(self) -> None:
-        scores, confidence, labels = teacher_scores(self.ctx, self.options.score)
+        assert self.ctx.teacher is not None
+        outputs = teacher_outputs(self.ctx.teacher, self.ctx.images, self.ctx.normalize, 1024, self.ctx.device,
+                                  self.ctx.progress)
+        scores, confidence, labels = ranking_of(outputs, self.options.score)
+        if self.options.budget == "relative_density":
+            self.estimated_share = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).share
         if self.options.per_class:
             # percentile_select_count keeps the highest scores; DFND's ranking is lower = kept first.
             self.kept = percentile_select_count(-scores, labels, self.ctx.num_classes, self.keep_count()).indices
@@ -214,13 +238,15 @@ class DFND(Method):
             "dfnd_kept_per_class": torch.bincount(self.kept_labels, minlength=self.ctx.num_classes).tolist(),
             "dfnd_q_diagonal": float(self.noise.diagonal),
             "dfnd_q_offdiag_max": float(off.max()),
+            **({} if self.estimated_share is None else {"dfnd_estimated_share": self.estimated_share}),
         }
 
     def method_state(self) -> dict[str, Any]:
         if self.kept is None:
             return {}
         return {"kept": self.kept.clone(), "kept_scores": self.kept_scores.clone(),
-                "kept_labels": self.kept_labels.clone(), "teacher_accuracy": float(self.noise.diagonal)}
+                "kept_labels": self.kept_labels.clone(), "teacher_accuracy": float(self.noise.diagonal),
+                **({} if self.estimated_share is None else {"estimated_share": self.estimated_share})}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -229,4 +255,5 @@ class DFND(Method):
         self.kept_scores = state["kept_scores"].cpu()
         self.kept_labels = state["kept_labels"].long().cpu()
         self.noise.set_diagonal(float(state["teacher_accuracy"]))
+        self.estimated_share = state.get("estimated_share")
         self._teacher_logits = None

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kd3.api import read_teacher_accuracy
 from kd3.report.teacher import RunTeacher, read_run_teacher
 
 _SELECTION_FILE = re.compile(r"epoch-(\d+)\.npy")
@@ -24,6 +25,8 @@ class RunData:
     history: list[dict[str, Any]]  # metrics.jsonl, one record per finished epoch
     selections: dict[int, Path]  # epoch (1-based) -> selections/epoch-NNNN.npy
     teacher: RunTeacher  # the record of the teacher config.yaml names (class names, accuracies)
+    # The teacher's accuracy on this run's own eval data (teacher_eval.json), None for runs without eval data
+    teacher_eval: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -54,7 +57,8 @@ def read_run(run_dir: Path) -> RunData:
     selections = {int(m.group(1)): p for m, p in matches if m}
     config = yaml.safe_load(config_text) or {}
     return RunData(run_dir=run_dir, config_text=config_text, config=config, history=history,
-                   selections=dict(sorted(selections.items())), teacher=read_run_teacher(config))
+                   selections=dict(sorted(selections.items())), teacher=read_run_teacher(config),
+                   teacher_eval=read_teacher_accuracy(run_dir))
 
 
 def _finished_records(path: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,12 @@ def headline(run: RunData) -> str:
     result = f"{accuracy:.2%}" if math.isfinite(accuracy) else "not evaluated"
     method = f"method {run.method} · " if run.method else ""  # teacher runs have no method
     teacher = run.teacher.info
-    beside = f" (teacher test accuracy as recorded: {recorded_accuracy(teacher.test_accuracy)})" if teacher is not None else ""
+    if run.teacher_eval is not None:
+        beside = f" (the teacher on the same images: {recorded_accuracy(run.teacher_eval['accuracy'])})"
+    elif teacher is not None:
+        beside = f" (teacher test accuracy as recorded: {recorded_accuracy(teacher.test_accuracy)})"
+    else:
+        beside = ""
     return f"{method}{len(run.history)} epochs logged · test accuracy at the last epoch ({epoch}): {result}{beside}"
 
 
@@ -44,6 +49,8 @@ def cost_section(run: RunData) -> Section:
     rows = [
         [f"test accuracy at the last epoch (epoch {epoch}; the last, not the best)",
          f"{accuracy:.2%}" if math.isfinite(accuracy) else "not evaluated at this epoch"],
+        *([[f"teacher accuracy on the same eval data ({run.teacher_eval['eval_data']}, {run.teacher_eval['images']} images)",
+            recorded_accuracy(run.teacher_eval["accuracy"])]] if run.teacher_eval is not None else []),
         *(teacher_accuracy_rows(run.teacher) if run.teacher.path is not None else []),
         ["test loss at the last epoch", _format(number(history[-1].get("test_loss")), "{:.4f}")],
         ["epochs logged", f"{len(history)}" + (f" of {configured}" if configured is not None else "")],
