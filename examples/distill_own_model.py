@@ -4,7 +4,7 @@
         --images my_crawl/ --labelled my_labelled/ --size 32 --out my_run
 
 ``--labelled`` is a folder with one sub-folder per class (named as in classes.txt); it measures the student.
-CI runs this with ``--epochs 1 --steps 4 --batch-size 32`` on tiny synthetic data (tests/test_walkthrough.py).
+CI runs this at a tiny budget on tiny synthetic data (tests/test_walkthrough.py).
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ parser.add_argument("--size", type=int, default=32, help="the teacher's input si
 parser.add_argument("--epochs", type=int, default=20, help="distillation epochs")
 parser.add_argument("--steps", type=int, default=0, help="optimizer steps per epoch (0: one pass over the kept images)")
 parser.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other kd3 distill override")
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -33,7 +34,7 @@ kd3.ingest(args.images, size=args.size, channels=3, out=out / "pool")
 result = kd3.distill("recommended", overrides=[f"teacher.checkpoint={teacher}", f"pool.path={out / 'pool'}",
                                                f"eval_data={args.labelled}", f"output_dir={out / 'runs'}",
                                                f"train.epochs={args.epochs}", f"train.epoch_steps={args.steps}",
-                                               f"train.batch_size={args.batch_size}"])
+                                               f"train.batch_size={args.batch_size}", *args.set])
 onnx_file = next(path for path in kd3.export(result.run_dir, formats=("onnx",)) if path.suffix == ".onnx")
 
 # What a deployment does: raw uint8 images in, logits out; the class names travel in the file.
