@@ -485,3 +485,36 @@ def test_hostile_resume_into_another_architecture_is_one_line_and_keeps_the_chec
     assert err[0].endswith("was config.yaml edited to another model or method? restore it, or start a new run")
     after = _snapshot(run_dir)
     assert {k: after[k] for k in before if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "random-bytes", "bare-npy"])
+def test_hostile_labelled_npz_that_is_no_archive_is_one_line_and_never_blocks(tmp_path, kind):
+    """eval_data / kd3 eval --data / train-teacher data given as an .npz that is a FIFO, random bytes or a
+    renamed .npy: one ValueError naming the file, returned at once (a FIFO opened for reading would block)."""
+    from kd3.data.labelled import load_labelled
+
+    path = tmp_path / "mine.npz"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "random-bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((2, 8, 8), np.uint8))
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_labelled(str(path), 8, 1)
+        except BaseException as error:  # handed to the test thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=load, daemon=True)  # a daemon: a regression that blocks cannot hang the suite
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
+    message = str(outcome[0])
+    assert message.startswith(f"{path} is not a labelled .npz: ") and "\n" not in message
+    assert "allow_pickle" not in message
+    if kind == "fifo":
+        assert "FIFO" in message

@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import stat
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,10 +125,22 @@ def refuse_unsafe(path: Path, what: str) -> Iterator[None]:
 
 
 def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` with ``allow_pickle=False``; an object (pickled) array is refused by name."""
+    """Every array of an ``.npz`` with ``allow_pickle=False``; an object (pickled) array is refused by name.
+
+    ``path`` must be a regular file (checked before opening: a FIFO would block forever, a device feed
+    endless bytes), and one that is no zip archive is refused in one line, never with numpy's advice
+    to enable ``allow_pickle``."""
     path = Path(path)
+    require_regular(path, what)
     arrays = {}
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not {_a(what)}: it is not an .npz archive "
+                         f"({str(error).split('. ')[0][:120]})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy renamed: one array, no names
+        raise ValueError(f"{path} is not {_a(what)}: it is a single .npy array, not an .npz archive of named arrays")
+    with archive:
         for key in archive.files:
             try:
                 arrays[key] = archive[key]
@@ -134,6 +148,16 @@ def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
                 raise UnsafeFileError(f"refusing to load {path}: array {key!r} holds pickled Python objects, "
                                       f"which {_a(what)} never holds") from None
     return arrays
+
+
+def require_regular(path: Path, what: str) -> None:
+    """``path`` is a regular file (or a link to one); else one line saying what it is, before anything reads it."""
+    mode = path.stat().st_mode  # a missing file raises FileNotFoundError naming it
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a directory"
+                if stat.S_ISDIR(mode) else "not a file")
+        raise ValueError(f"{path} is not {_a(what)}: it is {kind}, not a regular file; nothing was read from it")
 
 
 def read_npy(path: Path, what: str) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""Issue 22: a DFND budget read off the pool. ``kd3.scores.share.relative_density`` (the seeded class-conditional
+fit of bn_grid_maha against one Gaussian on the whole pool) checked against torch.distributions on hand-made
+features, its share on a pool whose answer is known, and DFND's ``budget: relative_density``."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+from torch.nn import functional as F
+
+from baseline_nets import BNNet, make_context, random_images
+from kd3.methods.dfnd import DFND, DFNDOptions
+from kd3.scores import TeacherOutputs, compute_score, fitted, teacher_outputs
+from kd3.scores.share import gaussian_log_density, relative_density
+
+
+def hand_made(grid: torch.Tensor, prediction: torch.Tensor, num_classes: int = 2) -> TeacherOutputs:
+    n = len(grid)
+    return TeacherOutputs(logits=F.one_hot(prediction, num_classes).float() * 5.0, feature_l2=torch.ones(n),
+                          feature_l1=torch.ones(n), bn_distances={v: torch.zeros(n, 1) for v in ("mean", "kl", "meanlogvar")},
+                          bn_layers=["bn"], bn_grid=grid.half())
+
+
+def shrunk_covariance(residuals: torch.Tensor, shrink: float) -> torch.Tensor:
+    cov = residuals.T @ residuals / len(residuals)
+    return (1 - shrink) * cov + shrink * torch.diag(cov.diagonal())
+
+
+def test_gaussian_log_density_is_the_mixture_log_density_up_to_its_constant():
+    g = torch.Generator().manual_seed(0)
+    d = 3
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.5 * torch.eye(d, dtype=torch.float64)
+    means = torch.randn(2, d, generator=g, dtype=torch.float64)
+    weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    x = torch.randn(50, d, generator=g, dtype=torch.float64) * 2
+    expected = torch.logsumexp(torch.stack([MultivariateNormal(m, cov).log_prob(x) for m in means], dim=1)
+                               + weights.log(), dim=1) + 0.5 * d * math.log(2 * math.pi)
+    got = gaussian_log_density(x, means, torch.linalg.cholesky(cov), weights.log())
+    assert torch.allclose(got, expected, atol=1e-9)
+
+
+def test_relative_density_is_the_seed_fit_over_the_whole_pool_fit():
+    g = torch.Generator().manual_seed(1)
+    grid = torch.randn(200, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])
+    prediction = (torch.arange(200) % 3 == 0).long()  # classes with 67 and 133 images
+    seed = torch.linspace(1, 0, 200)  # the first images form the seed
+    outputs = hand_made(grid, prediction)
+    estimate = relative_density(outputs, seed, keep=0.3, shrink=0.1)
+    # Reference from torch.distributions: the seed's 60 images (0.3 · 200 > 2 · D), one mean per class, a
+    # pooled covariance shrunk 10 % to its diagonal; the background: one Gaussian on all 200, same shrinkage.
+    x = outputs.bn_grid.double()
+    chosen, y = x[:60], prediction[:60]
+    means = torch.stack([chosen[y == k].mean(dim=0) for k in (0, 1)])
+    cov = shrunk_covariance(chosen - means[y], 0.1)
+    weights = torch.bincount(y).double() / 60
+    relevant = torch.logsumexp(torch.stack([MultivariateNormal(m, cov).log_prob(x) for m in means], dim=1)
+                               + weights.log(), dim=1)
+    background = MultivariateNormal(x.mean(dim=0), shrunk_covariance(x - x.mean(dim=0), 0.1)).log_prob(x)
+    # fitted.fit_gaussians adds a 1e-6 relative ridge, hence the tolerance.
+    assert torch.allclose(estimate.llr, relevant - background, atol=1e-3)
+    assert estimate.share == pytest.approx(float((relevant - background > 0).double().mean()), abs=1 / 200)
+
+
+def test_share_follows_the_relevant_part_of_a_pool_with_distant_junk():
+    g = torch.Generator().manual_seed(2)
+    shares = []
+    for n_relevant in (60, 120, 240):
+        relevant = torch.randn(n_relevant, 4, generator=g) * 0.3 + torch.tensor([1.0, 0, 0, 0]) * (torch.arange(n_relevant) % 2)[:, None]
+        junk = torch.randn(300 - n_relevant, 4, generator=g) * 3.0 + 8.0
+        grid = torch.cat([relevant, junk])
+        prediction = torch.cat([torch.arange(n_relevant) % 2, torch.randint(0, 2, (300 - n_relevant,), generator=g)])
+        seed = torch.cat([torch.rand(n_relevant, generator=g) + 1, torch.rand(300 - n_relevant, generator=g)])
+        estimate = relative_density(hand_made(grid, prediction), seed, keep=0.1)
+        assert bool((estimate.llr[n_relevant:] < 0).all())  # no junk image is counted as relevant
+        shares.append(estimate.share)
+    # Exact while junk is a large part of the background; where the pool is mostly relevant the background
+    # fit is mostly the relevant images themselves, and the narrower seed fit loses their fringe (here 1 of 240).
+    assert shares[:2] == pytest.approx([0.2, 0.4], abs=1e-9)
+    assert 0.79 <= shares[2] < 0.8
+
+
+def test_dfnd_relative_density_budget_keeps_the_estimated_share_ranked_by_the_score():
+    torch.manual_seed(0)
+    ctx = make_context(BNNet().eval(), random_images(60))
+    method = DFND(BNNet(), ctx, DFNDOptions(score="bn_grid_maha", budget="relative_density", keep_fraction=0.9))
+    kept = method.begin_epoch(0).indices
+    outputs = teacher_outputs(ctx.teacher, ctx.images, ctx.normalize)
+    share = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).share
+    count = max(1, round(share * 60))
+    assert method.estimated_share == share and len(kept) == count and count != round(0.9 * 60)
+    score = compute_score("bn_grid_maha", outputs)
+    assert set(kept.tolist()) == set(torch.sort(-score, stable=True).indices[:count].tolist())
+    assert method.epoch_metrics()["dfnd_estimated_share"] == share
+    restored = DFND(BNNet(), ctx, DFNDOptions(score="bn_grid_maha", budget="relative_density"))
+    restored.load_method_state(method.method_state())
+    assert restored.estimated_share == share and restored.keep_count() == count
+
+
+def test_dfnd_rejects_an_unknown_budget():
+    ctx = make_context(BNNet().eval(), random_images(10))
+    with pytest.raises(ValueError, match="budget"):
+        DFND(BNNet(), ctx, DFNDOptions(budget="adaptive"))
