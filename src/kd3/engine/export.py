@@ -85,10 +85,39 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
         return torch.jit.trace(model.eval().cpu(), example.cpu())
 
 
+class InputCheck(nn.Module):
+    """The traced ``shipped`` model behind a check of its input, compiled with ``torch.jit.script`` so the
+    check stays in the ``.ts`` (tracing would keep only the branch taken): a float batch (already /255 or
+    normalised by habit) or one of another shape is refused instead of giving wrong logits."""
+
+    def __init__(self, shipped: torch.jit.ScriptModule, channels: int, size: int):
+        super().__init__()
+        self.shipped = shipped
+        self.channels = channels
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError("kd3 student: give uint8 images, 0-255 (the normalisation is inside the model), "
+                             "not floats already scaled or normalised")
+        if images.dim() != 4 or images.size(1) != self.channels or images.size(2) != self.size or images.size(3) != self.size:
+            raise ValueError("kd3 student: give images as N x C x H x W at the channels and size in the file's kd3.json")
+        return self.shipped(images)
+
+
+def unchecked(module: nn.Module) -> nn.Module:
+    """The model inside an ``InputCheck`` (loaded from a ``.ts`` or not), for exporters that cannot take its
+    control flow (ONNX, whose typed uint8 input refuses floats by itself); other modules as they are."""
+    return module.shipped if hasattr(module, "shipped") else module
+
+
 def export_torchscript(model: nn.Module, example: torch.Tensor, meta: dict[str, Any], path: Path) -> Path:
-    """Trace the model in eval mode; the metadata travels inside the file as ``kd3.json``."""
+    """Trace the model in eval mode; a model under kd3's uint8 contract gets its ``InputCheck``. The
+    metadata travels inside the file as ``kd3.json``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    scripted = trace(model, example)
+    scripted = trace(unchecked(model), example)
+    if meta.get("input_format") == INPUT_FORMAT:
+        scripted = torch.jit.script(InputCheck(scripted, meta["in_channels"], meta["image_size"]))
     with _quiet():
         torch.jit.save(scripted, str(path), _extra_files={META_NAME: json.dumps(meta)})
     return path
@@ -151,7 +180,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[
         import onnx
     except ImportError as error:
         raise RuntimeError("ONNX export needs the onnx extra: pip install 'kd3[onnx]'") from error
-    model = model.eval().cpu()
+    model = unchecked(model).eval().cpu()
     with _quiet():  # the legacy exporter is the one that takes a TorchScript module (torch's dynamo one needs onnxscript)
         torch.onnx.export(model, (example.cpu(),), str(path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
