@@ -53,6 +53,13 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="a pool .npz (held in memory) or a pool directory (written as it decodes; for big crawls)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="shards: skip the files a brace pattern names that do not exist (img2dataset output often has "
+                        "gaps), counting them in the summary, instead of refusing")
+    p.add_argument("--alpha", choices=["white", "black", "grey"], default="white",
+                   help="the background transparent pixels (RGBA, LA, palette transparency) are composited onto: white "
+                        "for images drawn on white pages, black for dark images on transparent backgrounds (icons, "
+                        "glyphs), grey (128) for a mix; the default, white, is what kd3 always did, so existing pools are unchanged")
     data.set_defaults(func=run)
 
 
@@ -113,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
         from kd3.data.ingest import ingest
 
         pool, report = ingest(args.directory, size=args.size, channels=args.channels, out=args.out,
-                              workers=args.workers, show_progress=True)
+                              workers=args.workers, show_progress=True, alpha=args.alpha,
+                              allow_missing=args.allow_missing)
         print(f"wrote {args.out}: {len(pool)} images {tuple(pool.images.shape[1:])}; {report}")
 
 

@@ -16,21 +16,26 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kd3.data.decode import read_and_decode
-from kd3.data.pool import META_FILE, POOL_FILES, Pool, atomic_write, is_pool, write_pool_arrays
-from kd3.data.shards import decode_shard, expand_shards, is_shard_spec
-from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter, is_temp_of, remove_stale_temps
-from kd3.engine import faults
+from kd3.data.decode import CONVERSIONS, DEFAULT_ALPHA, check_alpha, read_and_decode
+from kd3.data.pool import META_FILE, POOL_FILES, Pool, is_pool, write_pool_arrays
+from kd3.data.shards import decode_shard, find_shards, is_shard_spec, shard_pattern
+from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter, is_temp_of, remove_stale_temps, temp_name
+from kd3.engine import faults, signals
+from kd3.engine.signals import HANDLED
 from kd3.utils.progress import progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
@@ -40,7 +45,8 @@ FOLDER_TASK = 512  # files per worker task: big enough to amortise the round tri
 ORIGIN = "ingested"  # the source of every ingested image, folder or shards alike
 SIDECAR_FILE = "sidecar.jsonl"  # per-image metadata from img2dataset's json/txt members
 
-Decoded = tuple[np.ndarray, list[dict], list[tuple[str, str]]]
+# A worker's answer for one task: images, their side records, (where, reason) per skip, conversions made.
+Decoded = tuple[np.ndarray, list[dict], list[tuple[str, str]], Counter[str]]
 
 
 @dataclass
@@ -53,6 +59,9 @@ class IngestReport:
     reasons: dict[str, int] = field(default_factory=dict)  # skipped count per reason
     seconds: float = 0.0
     workers: int = 1
+    conversions: dict[str, int] = field(default_factory=dict)  # loaded images per conversion (kd3.data.decode.CONVERSIONS)
+    alpha: str = DEFAULT_ALPHA  # the background transparent pixels were composited onto
+    missing_shards: int = 0  # shards the pattern names that did not exist, skipped (allow_missing)
 
     @property
     def images_per_second(self) -> float:
@@ -64,7 +73,17 @@ class IngestReport:
         if self.skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
             text += f"; skipped {self.skipped} ({reasons}; first: {', '.join(self.bad_paths)})"
+        if self.conversions:
+            text += f"; converted: {self.conversion_summary()}"
+        if self.missing_shards:
+            text += f"; {self.missing_shards} missing shard{'s' * (self.missing_shards > 1)} skipped"
         return text
+
+    def conversion_summary(self) -> str:
+        """``"3 16-bit scaled, 5 alpha composited (on white), ..."`` in ``CONVERSIONS`` order; "none" when none."""
+        parts = [f"{self.conversions[name]} {name}{f' (on {self.alpha})' * (name == 'alpha composited')}"
+                 for name in CONVERSIONS if self.conversions.get(name)]
+        return ", ".join(parts) or "none"
 
 
 def _image_files(directory: Path) -> list[Path]:
@@ -86,18 +105,130 @@ def _side_files(path: Path) -> dict:
     return side
 
 
-def decode_files(paths: list[str], size: int, channels: int) -> Decoded:
-    """One folder task: decode ``paths`` in order (runs in a worker process)."""
+def decode_files(paths: list[str], size: int, channels: int, alpha: str = DEFAULT_ALPHA) -> Decoded:
+    """One folder task: decode ``paths`` in order (runs in a worker process); ``alpha``: the
+    background transparent pixels are composited onto."""
     images, metadata, bad = [], [], []
+    conversions: Counter[str] = Counter()
     for path in paths:
-        image, reason = read_and_decode(path, size, channels)
+        image, reason = read_and_decode(path, size, channels, alpha, conversions)
         if image is None:
             bad.append((path, reason or "corrupt image"))
             continue
         images.append(image)
         metadata.append({"key": Path(path).stem, "file": path, **_side_files(Path(path))})
     stacked = np.stack(images) if images else np.empty((0, channels, size, size), dtype=np.uint8)
-    return stacked, metadata, bad
+    return stacked, metadata, bad, conversions
+
+
+# Worker processes: each is handed the whole task list at start (fork shares it; nothing is pickled per task),
+# then task indices, one small message each, over its own pipe: task i goes to worker i % workers. With no
+# queue shared between workers there is no lock a killed worker can leave held (what made Pool.terminate()
+# hang), a worker that dies is seen at once (its pipe closes) instead of its task being waited on forever,
+# and the parent never blocks sending: a worker has at most two indices outstanding.
+STOP_SECONDS = 5.0  # how long workers get to exit, at each step of stopping them, before the next, harsher one
+
+
+def _detach_from_parent(parent: int) -> None:
+    """First thing in a worker: the parent's Python signal handlers (the CLI's, which raise ``Interrupted``)
+    do not apply here. SIGTERM (what stopping a worker sends) ends it at once, with no traceback; SIGINT is
+    ignored, since a Ctrl-C reaches the whole foreground process group and the parent decides for its workers;
+    and the worker dies with its parent instead of outliving it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked by the parent around the fork
+    if not signals.die_with_parent(signal.SIGKILL, parent):
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Where the kernel cannot signal a parent's death: exit once the parent has changed (it died)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _worker(work: Callable[[object], Decoded], tasks: list, conn: Connection, parent: int,
+            inherited: list[Connection]) -> None:
+    """A worker's life: ``work(tasks[i])`` for each index ``i`` the parent sends, until it closes the pipe.
+    ``inherited``: the parent's pipe ends a forked worker holds copies of (its own and earlier workers'), closed
+    so that each pipe reads as closed when the parent closes it or dies."""
+    _detach_from_parent(parent)
+    for end in inherited:
+        end.close()
+    while True:
+        try:
+            index = conn.recv()
+        except EOFError:  # the parent closed its end: no more tasks
+            return
+        try:
+            outcome: tuple[bool, object] = (True, work(tasks[index]))
+        except Exception as error:  # raised again in the parent, as multiprocessing.Pool did
+            outcome = (False, error)
+        try:
+            conn.send(outcome)
+        except BrokenPipeError:  # the parent is stopping
+            return
+        except Exception as error:  # an exception that does not pickle: its text
+            conn.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {error}")))
+
+
+def _start_workers(work: Callable[[object], Decoded], tasks: list, workers: int,
+                   procs: list[BaseProcess], ends: list[Connection]) -> None:
+    """``workers`` worker processes, appended to ``procs`` (with the parent's pipe ends in ``ends``) as each starts."""
+    # fork: workers start at once with the imported modules (they run only numpy/Pillow) and share the task list;
+    # spawn re-imports kd3 and torch in every worker (10 s against 0.2 s for a 60-image crawl on 2 workers), and a
+    # forkserver worker's parent is the server, not this process, so it could not die with it.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # SIGTERM/SIGINT are blocked until each child has reset its handlers: one arriving in between would run the
+    # CLI's handler in the child. A signal for the parent waits here and is handled once this returns.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        for number in range(workers):
+            end, child_end = context.Pipe()
+            inherited = [*ends, end] if context.get_start_method() == "fork" else []
+            proc = context.Process(target=_worker, args=(work, tasks, child_end, os.getpid(), inherited), daemon=True,
+                                   name=f"kd3-decode-{number}")
+            proc.start()
+            child_end.close()  # the parent keeps its own end only, so a dead worker's pipe reads as closed
+            procs.append(proc)
+            ends.append(end)
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _stop_workers(procs: list[BaseProcess], ends: list[Connection], finished: bool) -> None:
+    """Bounded: closed pipes let idle workers exit (``finished``: all work done), then SIGTERM, then SIGKILL."""
+    for end in ends:
+        end.close()
+    for step in ("wait", "terminate", "kill"):
+        if step == "wait" and not finished:
+            continue
+        deadline = time.monotonic() + STOP_SECONDS
+        for proc in procs:
+            if step != "wait" and proc.is_alive():
+                getattr(proc, step)()
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        if not any(proc.is_alive() for proc in procs):
+            return
+
+
+def _received(conn: Connection, proc: BaseProcess) -> Decoded:
+    try:
+        ok, value = conn.recv()
+    except (EOFError, ConnectionError):  # the worker is gone (a reset: it died with data unread)
+        proc.join(STOP_SECONDS)
+        code = proc.exitcode
+        how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
+               else f"exited with code {code}")
+        raise faults.Fault(f"a decoding worker process (PID {proc.pid}) {how}, perhaps out of memory: run again, with "
+                           "fewer --workers if it recurs") from None
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def _in_order(work: Callable[[object], Decoded], tasks: list, workers: int) -> Iterator[Decoded]:
@@ -105,16 +236,22 @@ def _in_order(work: Callable[[object], Decoded], tasks: list, workers: int) -> I
     if workers <= 1 or len(tasks) <= 1:
         yield from map(work, tasks)
         return
-    # fork: workers inherit the imported modules and start at once; they run only numpy/Pillow.
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers) as pool:
-        pending, upcoming = [], iter(tasks)
-        for task in upcoming:
-            pending.append(pool.apply_async(work, (task,)))
-            if len(pending) >= 2 * workers:
-                yield pending.pop(0).get()
-        for result in pending:
-            yield result.get()
+    workers = min(workers, len(tasks))
+    procs: list[BaseProcess] = []
+    ends: list[Connection] = []
+    finished = False
+    try:
+        _start_workers(work, tasks, workers, procs, ends)
+        sent = 0
+        for index in range(len(tasks)):
+            while sent < min(len(tasks), index + 2 * workers):
+                ends[sent % workers].send(sent)
+                sent += 1
+            yield _received(ends[index % workers], procs[index % workers])
+        finished = True
+    finally:
+        with signals.deferred():  # a signal now stops ingest once its workers are gone, not halfway through
+            _stop_workers(procs, ends, finished)
 
 
 def default_workers() -> int:
@@ -122,18 +259,29 @@ def default_workers() -> int:
 
 
 class _Sink:
-    """Where decoded chunks go: a growing list (in-memory pool) or an images file on disk, whose
-    failed writes are ``WriteFailed`` saying ``kept``."""
+    """Where decoded chunks go: a growing list (in-memory pool), or an images file and a sidecar
+    file on disk (a pool directory), whose failed writes are ``WriteFailed`` saying ``kept``.
+
+    Side records are written to the sidecar file as they arrive, not held: at ten million images
+    they would be tens of GB of Python dicts. Only each image's source path is kept (the pool's
+    ``paths``)."""
 
     def __init__(self, out: Path | None, row_shape: tuple[int, int, int], kept: str = ""):
         self.directory = out if out is not None and out.suffix != ".npz" else None
         self.kept = kept
         self.writer = None
+        self.sidecar: _SidecarWriter | None = None
         if self.directory is not None:
             with faults.writing(self.directory / IMAGES_FILE, kept):
                 self.writer = ImageWriter(self.directory / IMAGES_FILE, row_shape)
+            try:
+                with faults.writing(self.directory / SIDECAR_FILE, kept):
+                    self.sidecar = _SidecarWriter(self.directory / SIDECAR_FILE)
+            except BaseException:
+                self.writer.abort()
+                raise
         self.parts: list[np.ndarray] = []
-        self.metadata: list[dict] = []
+        self.paths: list[str] = []
         self.count = 0
 
     def add(self, images: np.ndarray, metadata: list[dict]) -> None:
@@ -142,7 +290,10 @@ class _Sink:
                 self.writer.write(images)
         else:
             self.parts.append(images)
-        self.metadata += metadata
+        if self.sidecar is not None:
+            with faults.writing(self.sidecar.path, self.kept):
+                self.sidecar.write(metadata)
+        self.paths += [source_path(record) for record in metadata]
         self.count += len(images)
 
     def images(self):
@@ -154,6 +305,32 @@ class _Sink:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+        if self.sidecar is not None:
+            self.sidecar.abort()
+
+
+class _SidecarWriter:
+    """``sidecar.jsonl`` written line by line under ``temp_name`` and renamed by ``close``: one JSON
+    object per image (sorted keys), in pool order. A failed or abandoned write leaves no temp file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = temp_name(path)
+        self.file = open(self.tmp, "wb")
+
+    def write(self, records: list[dict]) -> None:
+        self.file.writelines((json.dumps(record, sort_keys=True) + "\n").encode() for record in records)
+
+    def close(self) -> None:
+        """Flush, fsync and rename into place (what ``kd3.data.pool.atomic_write`` does for a whole file)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def check_out(out: Path) -> str:
@@ -190,16 +367,17 @@ def check_geometry(size: int, channels: int) -> None:
 
 
 def decode_paths(files: list[str], size: int, channels: int, workers: int = 0, show_progress: bool = False,
-                 desc: str = "decode") -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """``files`` decoded in order by ingest's workers (``workers`` as in ``ingest``): the uint8
-    N×channels×size×size images of the readable ones, and (path, reason) for each one skipped."""
+                 desc: str = "decode", alpha: str = DEFAULT_ALPHA) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """``files`` decoded in order by ingest's workers (``workers`` and ``alpha`` as in ``ingest``): the
+    uint8 N×channels×size×size images of the readable ones, and (path, reason) for each one skipped."""
     check_geometry(size, channels)
+    check_alpha(alpha)
     workers = workers or default_workers()
     tasks = [files[i:i + FOLDER_TASK] for i in range(0, len(files), FOLDER_TASK)]
-    work = partial(decode_files, size=size, channels=channels)
+    work = partial(decode_files, size=size, channels=channels, alpha=alpha)
     parts: list[np.ndarray] = [np.empty((0, channels, size, size), dtype=np.uint8)]
     bad: list[tuple[str, str]] = []
-    for images, _, skipped in progress(_in_order(work, tasks, workers), desc=f"{desc} ({workers} workers)",
+    for images, _, skipped, _ in progress(_in_order(work, tasks, workers), desc=f"{desc} ({workers} workers)",
                                        enabled=show_progress, total=len(tasks), unit="task"):
         parts.append(images)
         bad += skipped
@@ -214,44 +392,59 @@ def source_path(record: dict) -> str:
 
 
 def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.PathLike | None = None,
-           workers: int = 0, show_progress: bool = False) -> tuple[Pool, IngestReport]:
+           workers: int = 0, show_progress: bool = False, alpha: str = DEFAULT_ALPHA,
+           allow_missing: bool = False) -> tuple[Pool, IngestReport]:
     """Every readable image of ``source`` (a folder, recursively, or a tar-shard pattern) as uint8
     N×channels×size×size.
 
     ``out``: None or a ``.npz`` path keeps the pool in memory (and saves the ``.npz``); any other
     path becomes a pool directory written incrementally. ``workers``: decoding processes (0: one
     per available core; 1: decode in this process). Provenance is unknown: ``meta['provenance']``
-    is False; ``pool.paths`` holds each image's source (``source_path``). Raises ``FileNotFoundError``
-    for a missing folder or shard and ``ValueError`` when nothing decodes.
+    is False; ``pool.paths`` holds each image's source (``source_path``). ``alpha``: the background
+    transparent pixels are composited onto (``kd3.data.decode.ALPHA_BACKGROUNDS``; white, the
+    default, is what every kd3 ingest did before the choice existed). What was converted (16-bit
+    scaled, alpha composited, ...) is counted in the report and in ``meta['counts']['conversions']``.
+    ``allow_missing``: skip the shards a pattern names that do not exist (counted in the report's
+    ``missing_shards`` and ``meta['missing_shards']``) instead of refusing.
+    Raises ``FileNotFoundError`` for a missing folder or shard and ``ValueError`` when nothing decodes
+    (for a folder of tar shards, naming the pattern to give instead).
     """
     check_geometry(size, channels)
+    check_alpha(alpha)
     spec = str(source)
     workers = workers or default_workers()
+    missing: list[Path] = []
     if is_shard_spec(spec):
-        tasks: list = [str(p) for p in expand_shards(spec)]
-        work: Callable = partial(decode_shard, size=size, channels=channels)
-        kind, unit = {"shards": spec}, "shard"
+        present, missing = find_shards(spec, allow_missing)
+        tasks: list = [str(p) for p in present]
+        work: Callable = partial(decode_shard, size=size, channels=channels, alpha=alpha)
+        kind, unit = {"shards": spec, "missing_shards": len(missing)}, "shard"
     else:
         root = Path(spec).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory "
                                     "(or give tar shards: DIR/{00000..00099}.tar)")
         files = [str(p) for p in _image_files(root)]
+        if not files and (pattern := shard_pattern(root)) is not None:
+            raise ValueError(f"{root} holds .tar shards but no image files: ingest the shards with '{pattern}' "
+                             "(quoted; add --allow-missing if some numbers are absent)")
         tasks = [files[i:i + FOLDER_TASK] for i in range(0, len(files), FOLDER_TASK)]
-        work = partial(decode_files, size=size, channels=channels)
+        work = partial(decode_files, size=size, channels=channels, alpha=alpha)
         kind, unit, spec = {"directory": str(root)}, "task", str(root)
     out_path = Path(out) if out is not None else None
     kept = check_out(out_path) if out_path is not None else ""
     sink = _Sink(out_path, (channels, size, size), kept)
     reasons: Counter[str] = Counter()
+    conversions: Counter[str] = Counter()
     bad_paths: list[str] = []
     started = time.perf_counter()
     try:
         bar = progress(_in_order(work, tasks, workers), desc=f"ingest ({workers} workers)", enabled=show_progress,
                        total=len(tasks), unit=unit)
-        for images, metadata, bad in bar:
+        for images, metadata, bad, converted in bar:
             sink.add(images, metadata)
             reasons.update(reason for _, reason in bad)
+            conversions.update(converted)
             bad_paths += [f"{path} ({reason})" for path, reason in bad[:MAX_BAD_PATHS - len(bad_paths)]]
             bar.set_postfix(images=sink.count)
         skipped = sum(reasons.values())
@@ -265,24 +458,26 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
         raise
     report = IngestReport(directory=spec, found=sink.count + skipped, loaded=sink.count, skipped=skipped,
                           bad_paths=bad_paths, reasons=dict(reasons), seconds=time.perf_counter() - started,
-                          workers=workers)
-    meta = {**kind, "size": size, "channels": channels, "image_shape": [channels, size, size],
-            "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons)}}
-    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=np.array([source_path(m) for m in sink.metadata]))
+                          workers=workers, conversions={name: conversions[name] for name in CONVERSIONS if conversions[name]},
+                          alpha=alpha, missing_shards=len(missing))
+    meta = {**kind, "size": size, "channels": channels, "image_shape": [channels, size, size], "alpha": alpha,
+            "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons),
+                       "conversions": report.conversions}}
+    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=np.array(sink.paths))
     if sink.directory is not None:
         with faults.writing(sink.directory, f"{sink.directory} holds the new images but not all their arrays: "
                                             "ingest again once it can be written"):
-            write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
-            _write_sidecar(sink.directory / SIDECAR_FILE, sink.metadata)
+            try:
+                write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
+                sink.sidecar.close()
+            except BaseException:
+                sink.sidecar.abort()
+                raise
         pool = Pool.load(sink.directory)
     elif out_path is not None:
         with faults.writing(out_path, kept):
             pool.save(out_path)
     return pool, report
-
-
-def _write_sidecar(path: Path, metadata: list[dict]) -> None:
-    atomic_write(path, lambda f: f.writelines((json.dumps(record, sort_keys=True) + "\n").encode() for record in metadata))
 
 
 def ingest_folder(directory: str | os.PathLike, size: int, channels: int,

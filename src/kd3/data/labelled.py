@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kd3.data.decode import try_decode
+from kd3.data.decode import DEFAULT_ALPHA, check_alpha, try_decode
 from kd3.data.ingest import IMAGE_EXTENSIONS, check_geometry, decode_paths
 from kd3.data.sources import LabelledData, channel_stats, load_source
 from kd3.utils.progress import progress
@@ -49,19 +49,23 @@ def own_data_kind(spec: str) -> str | None:
 
 
 def load_labelled(spec: str, image_size: int | None = None, channels: int | None = None,
-                  classes: Sequence[str] | None = None, *, show_progress: bool = False) -> LabelledData:
+                  classes: Sequence[str] | None = None, *, show_progress: bool = False,
+                  alpha: str = DEFAULT_ALPHA) -> LabelledData:
     """The labelled images ``spec`` names (see the module docstring), uint8 N×C×H×W.
 
     Own images are converted to ``channels``×``image_size``×``image_size`` (both required for a
     folder or CSV; a ``.npz`` keeps its own when they are None); files that do not decode are
     skipped, counted in one line on stderr. ``classes`` (a model's class names, in logit order)
     maps the data's class names onto them by name (an integer label is an index into them) and
-    the result has those classes. mean/std are the loaded images' own.
+    the result has those classes. mean/std are the loaded images' own. ``alpha``: the background
+    transparent pixels of own image files are composited onto, as ``kd3 data ingest --alpha``
+    (``kd3.data.decode.ALPHA_BACKGROUNDS``; default white).
 
     A built-in ``SOURCE:SPLIT`` is returned as ``load_source`` gives it, whatever ``image_size``
     and ``channels`` say (the caller's shape check names the mismatch); with ``classes`` its labels
     are renumbered when all its class names are among them, else left as they are.
     """
+    check_alpha(alpha)
     kind = own_data_kind(spec)
     if kind is None:
         if ":" not in spec:
@@ -80,7 +84,7 @@ def load_labelled(spec: str, image_size: int | None = None, channels: int | None
                              "and channels=1 (grey) or 3 (RGB)")
         check_geometry(image_size, channels)
         files, tokens, own = _folder(path) if kind == "folder" else _csv(path)
-        images, tokens = _decode(spec, files, tokens, image_size, channels, show_progress)
+        images, tokens = _decode(spec, files, tokens, image_size, channels, show_progress, alpha)
     labels, names = _indices(tokens, own, None if classes is None else list(classes), spec)
     mean, std = channel_stats(images)
     return LabelledData(images=torch.from_numpy(images), labels=torch.from_numpy(labels), classes=names,
@@ -189,9 +193,9 @@ def _redecode(images: np.ndarray, size: int, channels: int, show_progress: bool)
 
 
 def _decode(spec: str, files: list[str], tokens: list[Token], size: int, channels: int,
-            show_progress: bool) -> tuple[np.ndarray, list[Token]]:
+            show_progress: bool, alpha: str) -> tuple[np.ndarray, list[Token]]:
     """The readable images and their labels; the unreadable ones counted in one stderr line."""
-    images, bad = decode_paths(files, size, channels, show_progress=show_progress, desc=f"decode {spec}")
+    images, bad = decode_paths(files, size, channels, show_progress=show_progress, desc=f"decode {spec}", alpha=alpha)
     if not len(images):
         raise ValueError(f"no readable image in {spec}: none of its {len(files)} files decodes "
                          f"(first: {bad[0][0]}: {bad[0][1]})")

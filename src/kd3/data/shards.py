@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +23,7 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from kd3.data.decode import try_decode
+from kd3.data.decode import DEFAULT_ALPHA, try_decode
 
 SCAN_CHUNK = 1 << 20  # bytes read at a time when checking what the tar reader stepped over
 # Every reason a shard's member or stretch is skipped under (an image that does not decode is
@@ -38,18 +39,41 @@ def is_shard_spec(spec: str) -> bool:
     return ".tar" in spec and not Path(spec).is_dir()
 
 
-def expand_shards(spec: str) -> list[Path]:
-    """The shard files of ``spec``: brace patterns (``data/{00000..00099}.tar``) and globs, in the
-    pattern's order. Raises ``FileNotFoundError`` naming the shards that do not exist."""
+def find_shards(spec: str, allow_missing: bool = False) -> tuple[list[Path], list[Path]]:
+    """The shard files of ``spec`` (brace patterns ``data/{00000..00099}.tar`` and globs) in the pattern's
+    order: those that exist, and those it names that do not (img2dataset's output often has gaps).
+
+    Raises ``FileNotFoundError`` when none exists, or when some are missing and not ``allow_missing``:
+    how many, the first few, and the flag that skips them."""
     paths: list[Path] = []
     for pattern in braceexpand(spec):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         paths += [Path(p) for p in matches]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    present = [p for p in paths if p.is_file()]
+    missing = [p for p in paths if not p.is_file()]
+    shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    if not present:
         raise FileNotFoundError(f"shards {spec!r}: {shown or 'the pattern matches no file'} not found")
-    return paths
+    if missing and not allow_missing:
+        raise FileNotFoundError(f"shards {spec!r}: {len(missing)} of the {len(paths)} shards are missing ({shown}); "
+                                "skip them with --allow-missing (allow_missing=True)")
+    return present, missing
+
+
+def expand_shards(spec: str, allow_missing: bool = False) -> list[Path]:
+    """The existing shard files of ``spec`` (``find_shards``)."""
+    return find_shards(spec, allow_missing)[0]
+
+
+def shard_pattern(directory: Path) -> str | None:
+    """The pattern naming the .tar shards in ``directory`` (None: there are none): a brace range when they
+    are numbered as img2dataset numbers them (``DIR/{00000..00029}.tar``), else a glob."""
+    stems = sorted(p.name[:-len(".tar")] for p in directory.glob("*.tar") if p.is_file())
+    if not stems:
+        return None
+    if all(s.isdigit() for s in stems) and len({len(s) for s in stems}) == 1:
+        return str(directory / f"{{{stems[0]}..{stems[-1]}}}.tar")
+    return str(directory / "*.tar")
 
 
 def _image_member(sample: dict[str, Any]) -> str | None:
@@ -167,8 +191,11 @@ def _samples(path: str, bad: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def decode_shard(path: str, size: int, channels: int) -> tuple[np.ndarray, list[dict], list[tuple[str, str]]]:
-    """Every image sample of one shard: (uint8 images, per-image metadata, [(where, reason)] skipped).
+def decode_shard(path: str, size: int, channels: int, alpha: str = DEFAULT_ALPHA
+                 ) -> tuple[np.ndarray, list[dict], list[tuple[str, str]], Counter[str]]:
+    """Every image sample of one shard: (uint8 images, per-image metadata, [(where, reason)] skipped,
+    conversions counted by ``kd3.data.decode.decode_bytes``); ``alpha``: the background transparent
+    pixels are composited onto.
 
     Members sharing a key (webdataset's ``base_plus_ext``: the name up to its first dot) and
     following each other form a sample. One odd member costs only itself, under a named reason:
@@ -178,13 +205,14 @@ def decode_shard(path: str, size: int, channels: int) -> tuple[np.ndarray, list[
     shard cut short keeps every sample read before the cut and counts one "truncated tar".
     """
     images, metadata, bad = [], [], []
+    conversions: Counter[str] = Counter()
     for sample in _samples(path, bad):
         name = f"{path}:{sample['__key__']}"
         ext = _image_member(sample)
         if ext is None:
             bad.append((name, "no image member"))
             continue
-        image, reason = try_decode(sample[ext], size, channels)
+        image, reason = try_decode(sample[ext], size, channels, alpha, conversions)
         if image is None:
             bad.append((f"{name}.{ext}", reason or "corrupt image"))
             continue
@@ -192,4 +220,4 @@ def decode_shard(path: str, size: int, channels: int) -> tuple[np.ndarray, list[
         metadata.append({"key": sample["__key__"], "shard": path, "member": f"{sample['__key__']}.{ext}",
                          **_side_data(sample)})
     stacked = np.stack(images) if images else np.empty((0, channels, size, size), dtype=np.uint8)
-    return stacked, metadata, bad
+    return stacked, metadata, bad, conversions
