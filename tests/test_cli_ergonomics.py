@@ -140,7 +140,17 @@ def test_options_and_overrides_in_any_order(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith("required: config")  # overrides stay optional when intermixed
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+
+    class Launcher:  # kd3's launcher process, as kd3.cli._relaunch_with_torchrun starts it: finished at once
+        pid = -1
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            calls.append(command)
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Launcher)
     monkeypatch.setattr("kd3.models.plugins.load_plugins", lambda modules: None)  # m0 is only carried along
     assert main(["--import", "m0", "distill", "fashion-wild/recommended", "--nproc", "2", "train.epochs=1"]) == 0
     (command,) = calls  # relaunched once under torchrun, with everything typed except --nproc 2

@@ -17,9 +17,35 @@ def _print_result(title: str, rows: list[list], columns: list[str]) -> None:
     print_table(title, columns, rows)
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
-    """``kd3 distill --nproc N ...`` is ``torchrun --standalone --nproc_per_node N -m kd3 distill ...``."""
+# What runs torchrun for ``--nproc``: kd3.engine.distributed.launch, torchrun quietened (see there).
+_LAUNCHER = "import sys; from kd3.engine.distributed import launch; sys.exit(launch(sys.argv[1:]))"
+STOP_GRACE = 30.0  # seconds the ranks get, after a forwarded signal, to finish a checkpoint write and exit
+
+
+def _launched() -> bool:
+    """Whether this process is one rank of several (torchrun's WORLD_SIZE), read without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0")) if _launched() else 0
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """``kd3 distill --nproc N ...``: ``torchrun --standalone --nproc_per_node N -m kd3 distill ...`` under a light
+    parent (this process, which has imported neither torch nor the run's data), and its exit code.
+
+    The launcher runs in its own session, and torchrun starts each rank in another: a SIGINT (Ctrl-C) or SIGTERM
+    reaching this process is forwarded to the launcher, which stops its ranks with it; the ranks get
+    ``STOP_GRACE`` seconds to finish a checkpoint write and exit before everything left is SIGKILLed. The ranks
+    say nothing when they stop: each writes why to a status folder, and this process prints the one line once
+    all have exited (``_launch_outcome``)."""
+    import signal
     import subprocess
+    import tempfile
+    import time
+
+    from kd3.engine.signals import LAUNCH_STATUS_ENV
 
     argv = list(argv)
     for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N, keep everything else as typed
@@ -29,12 +55,105 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> None:
         if arg.startswith("--nproc="):
             del argv[i]
             break
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "kd3", *argv]
-    print("running:", " ".join(command), file=sys.stderr)
-    code = subprocess.call(command)
-    if code:
-        raise SystemExit(code)
+    torchrun = ["--standalone", f"--nproc_per_node={nproc}", "-m", "kd3", *argv]
+    print("running: torchrun", " ".join(map(shlex.quote, torchrun)), file=sys.stderr)
+    forwarded: list[int] = []
+    ranks: set[int] = set()
+    launcher: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        del frame
+        if launcher is not None and not forwarded:
+            ranks.update(_children(launcher.pid))  # each in its own session: found now, killed later if need be
+            _signal_group(launcher.pid, signum)
+        forwarded.append(signum)
+
+    with tempfile.TemporaryDirectory(prefix="kd3-launch-") as status:
+        previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *torchrun], start_new_session=True,
+                                        env={**os.environ, LAUNCH_STATUS_ENV: status})
+            if forwarded:  # a signal came while it was starting
+                forward(forwarded.pop(), None)
+            deadline = None
+            while True:
+                try:
+                    code = launcher.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if forwarded and deadline is None:
+                    deadline = time.monotonic() + STOP_GRACE
+                if deadline is not None and time.monotonic() > deadline:
+                    print(f"kd3 distill: the {nproc} processes had not stopped {STOP_GRACE:.0f} s after "
+                          f"{signal.Signals(forwarded[0]).name}: killed", file=sys.stderr)
+                    _signal_group(launcher.pid, signal.SIGKILL)
+                    deadline = float("inf")
+            for rank in ranks:  # normally gone with the launcher; a straggler must not train on unseen
+                _signal_group(rank, signal.SIGKILL)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return _launch_outcome(code, forwarded, Path(status))
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc; none elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """``signum`` to the process group (session) ``pid`` leads, if any of it is left."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _launch_outcome(code: int, forwarded: list[int], status: Path) -> int:
+    """The one line for how ``kd3 distill --nproc`` ended, and its exit code: a forwarded signal is rank 0's
+    interruption line and 128 + the signal; a rank killed or crashed while the others were training is named,
+    with where the run stands (from the ranks' status files) and the resume command; otherwise the ranks have
+    said it themselves (rank 0 prints errors) and the launcher's code stands (2, 3, 4 as in one process)."""
+    import json
+    import signal
+
+    from kd3.engine.signals import LAUNCHER_STATUS
+
+    stops = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in status.glob("rank-*.json")}
+    failures = {int(r): c for r, c in json.loads((status / LAUNCHER_STATUS).read_text())["failures"].items()} \
+        if (status / LAUNCHER_STATUS).is_file() else {}
+    where = stops.get(0) or (stops[min(stops)] if stops else None)
+    if forwarded:
+        name = signal.Signals(forwarded[0]).name
+        print(where["line"] if where else f"kd3 distill: interrupted by {name}", file=sys.stderr)
+        return 128 + forwarded[0]
+    lost = {rank: c for rank, c in failures.items() if rank not in stops}  # stopped without saying why: killed, crashed
+    if where is None:
+        return code
+    if not lost:  # a rank was signalled from outside (or torchrun was): its own line
+        print(where["line"], file=sys.stderr)
+        return where["exit_code"]
+    rank, how = min(lost.items())
+    said = f"was killed by {signal.Signals(-how).name}" if how < 0 else f"exited with code {how}"
+    line = f"kd3 distill: rank {rank} {said}"
+    if where["epoch"] is not None:
+        line += f" during epoch {where['epoch']}"
+    if where["resumable"]:
+        held = f"{where['run_dir']}/last.pt holds the last finished epoch ({where['saved_epoch']}); " if 0 in stops else ""
+        line += f"; {held}continue with: kd3 distill --resume {shlex.quote(where['run_dir'])}"
+    elif where["run_dir"]:
+        line += f"; nothing to resume in {where['run_dir']}, start the run again"
+    print(line, file=sys.stderr)
+    return 128 - how if how < 0 else how
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -42,9 +161,6 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from kd3.config import DistillConfig, load_config
     from kd3.engine import distributed
 
-    if args.nproc > 1 and not distributed.launched():
-        _relaunch_with_torchrun(args.nproc, args.argv)
-        return
     try:
         if args.resume:
             # The first key=value lands in the CONFIG slot: with --resume the run's own config.yaml is the config.
@@ -292,13 +408,22 @@ def _faults() -> type[BaseException]:
 
 def _interrupted(command: str, stop: KeyboardInterrupt) -> int:
     """One line on SIGINT / SIGTERM: where the run stands and, for distill, the exact resume command."""
-    from kd3.engine.signals import Interrupted
+    from kd3.engine.signals import LAUNCH_STATUS_ENV, Interrupted
 
     interrupted = stop if isinstance(stop, Interrupted) else Interrupted()
     line = f"kd3 {command}: {interrupted.describe()}"
     if command == "distill" and interrupted.resumable:
         line += f"; continue with: kd3 distill --resume {shlex.quote(str(interrupted.run_dir))}"
-    print(line, file=sys.stderr)
+    status = os.environ.get(LAUNCH_STATUS_ENV)
+    if _launched() and status:  # under kd3's launcher, which prints one line for all ranks (_launch_outcome)
+        import json
+
+        run_dir = None if interrupted.run_dir is None else str(interrupted.run_dir)
+        (Path(status) / f"rank-{_rank()}.json").write_text(json.dumps({
+            "line": line, "run_dir": run_dir, "epoch": interrupted.epoch, "saved_epoch": interrupted.saved_epoch,
+            "resumable": interrupted.resumable, "exit_code": interrupted.exit_code}))
+    elif _rank() == 0:  # under a torchrun of the user's own: rank 0 speaks for all (the others' epoch may lag)
+        print(line, file=sys.stderr)
     return interrupted.exit_code
 
 
@@ -315,22 +440,30 @@ def _load_plugins(modules: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kd3.engine.signals import raising_on_signals
+    import signal
+
+    from kd3.engine.signals import die_with_parent, raising_on_signals
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc N` relaunches under torchrun
     if args.command == "distill" and not args.config and not args.resume:
         print("kd3 distill: give a CONFIG or --resume RUN_DIR", file=sys.stderr)
         return 2
+    if args.command == "distill" and args.nproc > 1 and not _launched():
+        return _relaunch_with_torchrun(args.nproc, args.argv)  # before plugins and torch are imported: a light parent
+    if _launched():
+        die_with_parent(signal.SIGTERM, os.getppid())  # torchrun gone (killed): stop with the resume line, not train on
     try:
         with raising_on_signals():  # SIGTERM too stops with the message below, not silently
             _load_plugins([*args.imports, *args.imports_after])
             args.func(args)
     except _user_errors() as error:
-        print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
+        if _rank() == 0:  # every rank meets the same bad input: rank 0 says it
+            print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
         return 2
     except _faults() as error:
-        print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"kd3 {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code  # type: ignore[attr-defined]
     except KeyboardInterrupt as stop:
         return _interrupted(args.command, stop)

@@ -18,14 +18,36 @@ Methods never see ranks: they call ``map_rows`` for their passes and get batches
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kd3.engine import signals
+
+Collective = TypeVar("Collective", bound=Callable[..., Any])
+
+
+def _peer_loss_stops(collective: Collective) -> Collective:
+    """``collective`` raising ``signals.PeerLost`` when it fails under torchrun: gloo and NCCL report a rank
+    that was killed or crashed as a RuntimeError ("Connection closed by peer") in the others' next collective.
+    As an ``Interrupted``, the trainer adds where the run stands, and the CLI names the resume command."""
+    @functools.wraps(collective)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as error:
+            if not active():
+                raise
+            raise signals.PeerLost(str(error)) from None
+    return run  # type: ignore[return-value]
 
 
 def active() -> bool:
@@ -70,6 +92,7 @@ def device_for_rank(device: torch.device) -> torch.device:
     return device
 
 
+@_peer_loss_stops
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -88,6 +111,7 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
+@_peer_loss_stops
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a run directory, an evaluation result)."""
     if not active():
@@ -97,6 +121,7 @@ def broadcast_object(value: Any) -> Any:
     return holder[0]
 
 
+@_peer_loss_stops
 def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``tensor`` on every rank (same shape and dtype everywhere)."""
     if not active():
@@ -106,6 +131,7 @@ def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return data.to(tensor.device)
 
 
+@_peer_loss_stops
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
     if not active():
@@ -126,14 +152,22 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else tensor.device
 
 
-def _gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
-    """Concatenate every rank's shard (padded to equal length for all_gather) into n rows."""
-    per = -(-n // world_size())
-    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=_comm_device(local))
-    padded[:len(local)] = local.to(padded.device)
-    parts = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(parts, padded)
-    return torch.cat(parts)[:n].to(local.device)
+@_peer_loss_stops
+def _gather_rows(full: torch.Tensor, n: int) -> torch.Tensor:
+    """Fill ``full`` (world_size × per rows, this rank's shard already at its rows) with every rank's
+    shard, in place, and return its first n rows. One buffer: no padded copy of the shard, no list of
+    per-rank parts and no concatenation, which together held a pass's result four times over."""
+    per = full.shape[0] // world_size()
+    comm = _comm_device(full)
+    buffer = full if comm == full.device else full.to(comm)  # nccl gathers on the GPU
+    _all_gather_single(buffer, buffer[rank() * per:(rank() + 1) * per])
+    if buffer is not full:
+        full.copy_(buffer)
+    return full[:n]
+
+
+# all_gather_into_tensor is deprecated for all_gather_single in recent torch; older torch has only it.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def map_rows(n: int, batch_size: int, compute: Callable[[int, int], Sequence[torch.Tensor]],
@@ -146,28 +180,31 @@ def map_rows(n: int, batch_size: int, compute: Callable[[int, int], Sequence[tor
     """
     start, stop = shard_bounds(n)
     starts = range(start, stop, batch_size)
-    # The outputs are allocated once, at their full size, when the first batch shows their shapes:
-    # collecting per-batch pieces and concatenating them would hold the result twice and leave
-    # thousands of small long-lived allocations scattered through the heap (seen as 2 GB of RSS
-    # on a 1M-image pool).
-    local: list[torch.Tensor] | None = None
+    # The outputs are allocated once, at their full size, when the first batch shows their shapes, and
+    # each batch is written at its rows: collecting per-batch pieces and concatenating them would hold
+    # the result twice and leave thousands of small long-lived allocations scattered through the heap
+    # (seen as 2 GB of RSS on a 1M-image pool). Under torchrun the buffer has room for every rank's
+    # shard (padded to equal length) and is gathered in place.
+    rows = world_size() * -(-n // world_size()) if active() else n
+    full: list[torch.Tensor] | None = None
     for begin in (batches(starts) if batches else starts):
         end = min(begin + batch_size, stop)
         outputs = compute(begin, end)
-        if local is None:
-            local = [torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in outputs]
-        for full, part in zip(local, outputs):
-            full[begin - start:end - start] = part
-    if local is None:
+        if full is None:
+            full = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in outputs]
+        for buffer, part in zip(full, outputs):
+            buffer[begin:end] = part
+    if full is None:
         if not active():
             raise ValueError("no rows to process")
         # An empty shard still has to take part in the gather: learn the shapes from a one-row probe.
-        local = [t[:0] for t in compute(0, min(1, n))]
+        full = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in compute(0, min(1, n))]
     if not active():
-        return local
-    return [_gather_rows(t, n) for t in local]
+        return full
+    return [_gather_rows(t, n) for t in full]
 
 
+@_peer_loss_stops
 def average_gradients(parameters: Sequence[nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients of ``parameters`` over ranks in one flat all-reduce.
 
@@ -200,6 +237,7 @@ def average_gradients(parameters: Sequence[nn.Parameter], extra: torch.Tensor | 
     return flat[offset:].reshape(()) if extra is not None else None
 
 
+@_peer_loss_stops
 def broadcast_module(module: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (at start; BatchNorm statistics each epoch)."""
     if not active():
@@ -210,6 +248,7 @@ def broadcast_module(module: nn.Module) -> None:
         tensor.data.copy_(data.to(tensor.device))
 
 
+@_peer_loss_stops
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Per-key sums over ranks (epoch loss sums, image counts)."""
     if not active() or not values:
@@ -225,3 +264,30 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(argv: list[str]) -> int:
+    """torchrun (``torch.distributed.run``) on ``argv``, as kd3's launcher runs it: its own logging silenced and
+    its exceptions turned into an exit code (what kd3 says is the wrapper's one line, kd3.cli), the failed ranks'
+    exit codes written to the ``signals.LAUNCH_STATUS_ENV`` folder. A rank's own output (progress, errors) is untouched."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun's loggers: most inherit torch.distributed's level, some set their own (from $LOGLEVEL) on import.
+    for name in ["torch.distributed", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as error:
+        codes = {rank: failure.exitcode for rank, failure in error.failures.items()}
+        if os.environ.get(signals.LAUNCH_STATUS_ENV):
+            (Path(os.environ[signals.LAUNCH_STATUS_ENV]) / signals.LAUNCHER_STATUS).write_text(json.dumps({"failures": codes}))
+        first = codes[min(codes)]
+        return 128 - first if first < 0 else first  # a rank killed by signal N: 128 + N, as a shell says it
+    except SignalException as error:  # torchrun has stopped its ranks with the same signal
+        return 128 + int(error.sigval)
+    return 0

@@ -14,6 +14,7 @@ own ``KeyboardInterrupt``, which the trainer annotates all the same.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +32,12 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 # file, not yet renamed over the old one).
 PAUSE_ENV = "KD3_TEST_PAUSE"
 PAUSE_ANNOUNCEMENT = "kd3 test pause:"
+# Set by ``kd3 distill --nproc N`` (kd3.cli): a folder where each rank that stops writes why (rank-R.json) and the
+# launcher writes its failed ranks' exit codes (launcher.json), for the one line kd3 prints once all have exited.
+# Here, not in kd3.engine.distributed, because that parent must not import torch.
+LAUNCH_STATUS_ENV = "KD3_LAUNCH_STATUS"
+LAUNCHER_STATUS = "launcher.json"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 class Interrupted(KeyboardInterrupt):
@@ -51,18 +58,40 @@ class Interrupted(KeyboardInterrupt):
     def resumable(self) -> bool:
         return self.run_dir is not None and (self.run_dir / "last.pt").is_file()
 
+    @property
+    def cause(self) -> str:
+        """What stopped the run, as the message's opening words."""
+        return f"interrupted by {signal.Signals(self.signum).name}"
+
     def describe(self) -> str:
-        name = signal.Signals(self.signum).name
         if self.run_dir is None:  # outside any run (building a pool, ingesting, ...)
-            return f"interrupted by {name}"
+            return self.cause
         nothing = f"nothing to resume in {self.run_dir}, start the run again"
         if self.epoch is None:  # e.g. while the teacher it needs was being trained
             unchanged = f"; {self.run_dir / 'last.pt'} is as it was" if self.resumable else f": {nothing}"
-            return f"interrupted by {name} before training started{unchanged}"
-        during = f"interrupted by {name} during epoch {self.epoch}"
+            return f"{self.cause} before training started{unchanged}"
+        during = f"{self.cause} during epoch {self.epoch}"
         if not self.resumable:
             return f"{during}, before any epoch finished: {nothing}"
         return f"{during}; {self.run_dir / 'last.pt'} holds the last finished epoch ({self.saved_epoch})"
+
+
+class PeerLost(Interrupted):
+    """Under torchrun: a collective failed because another process of the run stopped (killed, crashed).
+    An ``Interrupted``, so that the trainer adds where the run stands, as for a signal."""
+
+    exit_code = 1
+
+    def __init__(self, error: str):
+        super().__init__(signal.SIGTERM)
+        # gloo's "[.../pair.cc:561] Connection closed by peer [127.0.0.1]:21922. This is typically caused by ...":
+        # its first sentence, without the source location.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", error.strip()).split(". ")[0].splitlines()
+        self.error = first[0] if first else "no message"
+
+    @property
+    def cause(self) -> str:
+        return f"stopped because another process of the run did ({self.error})"
 
 
 def as_interrupted(stop: KeyboardInterrupt, run_dir: Path, epoch: int | None, saved_epoch: int) -> Interrupted:
@@ -74,13 +103,20 @@ def as_interrupted(stop: KeyboardInterrupt, run_dir: Path, epoch: int | None, sa
 
 _deferring = 0
 _pending: list[int] = []
+# The signal already raised in this ``raising_on_signals`` block. A repeat (a second Ctrl-C; torchrun's SIGTERM to a
+# rank that someone had already signalled) is not raised again: it would cut short the cleanup the first one
+# started (a checkpoint write finishing, temp files removed, worker processes stopped).
+_raised: list[int] = []
 
 
 def _handler(signum: int, frame: object) -> None:
     del frame
+    if _raised:
+        return
     if _deferring:
         _pending.append(signum)
         return
+    _raised.append(signum)
     raise Interrupted(signum)
 
 
@@ -90,12 +126,14 @@ def raising_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
+    _raised.clear()
     previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _raised.clear()
 
 
 @contextmanager
@@ -115,7 +153,22 @@ def deferred() -> Iterator[None]:
     if not _deferring and _pending:
         signum = _pending[-1]
         _pending.clear()
+        _raised.append(signum)
         raise Interrupted(signum)
+
+
+def die_with_parent(signum: int, parent: int) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent (PID ``parent``) dies: a worker must
+    not outlive the process that reads its results. Exits at once if the parent is already gone. False
+    where the kernel cannot do it (not Linux): the caller watches for itself."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(128 + signum)
+    return True
 
 
 def pause_point(point: str, epoch: int) -> None:
