@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def make_ctx(teacher: Net, pool_size: int = 48, epochs: int = 6) -> DistillConte
     return DistillContext(teacher=teacher.eval().requires_grad_(False), images=images,
                           normalize=Normalizer((0.5,), (0.25,)), augment=CropFlip(padding=1), num_classes=NUM_CLASSES,
                           epochs=epochs, batch_size=16, device=torch.device("cpu"), seed=0,
-                          cache_dir=Path("unused"), progress=False)
+                          cache_dir=Path(tempfile.mkdtemp(prefix="kd3-test-cache-")), progress=False)  # view caches go here
 
 
 def confident(teacher: Net) -> Net:

@@ -59,6 +59,11 @@ def _children(pid: int) -> list[int]:
     return [p for p, (parent, _) in _processes().items() if parent == pid]
 
 
+def _new_children(before: set[int]) -> list[int]:
+    """This process's children that were not there ``before`` (earlier tests may leave helpers of their own)."""
+    return sorted(set(_children(os.getpid())) - before)
+
+
 def _in_group(group: int) -> list[int]:
     return [p for p, (_, pgrp) in _processes().items() if pgrp == group]
 
@@ -102,10 +107,11 @@ def test_ingest_with_two_workers_twenty_times_leaves_no_process_and_no_traceback
     """The CLI's handlers are installed (main runs under raising_on_signals), as in the runs that hung."""
     _, pattern = crawl
     reference = ingest(pattern, 16, 1, workers=1)[0].digest()
+    before = set(_children(os.getpid()))
     for run in range(20):
         out = tmp_path / f"pool-{run}"
         assert main(_ingest_args(pattern, out)) == 0
-        assert _children(os.getpid()) == [], f"run {run} left worker processes"
+        assert _new_children(before) == [], f"run {run} left worker processes"
         assert Pool.load(out).digest() == reference
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Interrupted" not in captured.err
@@ -170,11 +176,12 @@ def _die_on_third(task: int) -> tuple:
 
 
 def test_a_killed_worker_is_one_error_not_a_hang():
+    before = set(_children(os.getpid()))
     results = ingest_module._in_order(_die_on_third, list(range(8)), workers=2)
     assert [next(results)[0] for _ in range(3)] == [0, 1, 2]
     with pytest.raises(Fault, match=r"decoding worker process \(PID \d+\) was killed by SIGKILL"):
         next(results)
-    assert _children(os.getpid()) == []
+    assert _new_children(before) == []
 
 
 def _fails_on_second(task: int) -> tuple:
@@ -184,9 +191,10 @@ def _fails_on_second(task: int) -> tuple:
 
 
 def test_a_worker_error_is_raised_in_the_parent_and_the_workers_stop():
+    before = set(_children(os.getpid()))
     with pytest.raises(ValueError, match="task 1 is bad"):
         list(ingest_module._in_order(_fails_on_second, list(range(6)), workers=2))
-    assert _children(os.getpid()) == []
+    assert _new_children(before) == []
 
 
 # -- crawl conveniences --------------------------------------------------------------------------------

@@ -253,7 +253,11 @@ def test_a_selecting_run_reports_its_selection_class_names_and_teacher(teacher_i
     assert cell(text, "classes") == "10: " + ", ".join(CLASS_NAMES)
     assert cell(text, "teacher test accuracy (its checkpoint record)") == f"{info.test_accuracy:.2%}"
     assert cell(text, "teacher validation accuracy (its checkpoint record)") == f"{info.val_accuracy:.2%}"
-    assert f"(teacher test accuracy as recorded: {info.test_accuracy:.2%})" in text  # beside the student's in the headline
+    # Beside the student's in the headline: the teacher measured on the run's own eval images (teacher_eval.json).
+    measured = json.loads((run_dir / "teacher_eval.json").read_text())
+    assert f"(the teacher on the same images: {measured['accuracy']:.2%})" in text
+    assert cell(text, f"teacher accuracy on the same eval data ({measured['eval_data']}, {measured['images']} images)") == \
+        f"{measured['accuracy']:.2%}"
 
 
 def test_a_run_whose_teacher_is_gone_reports_class_indices_and_why(teacher_inputs, tmp_path):

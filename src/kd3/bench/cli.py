@@ -24,6 +24,12 @@ def _jobs(text: str) -> int:
     return int(text)
 
 
+def _steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--steps must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark's rows over seeds and write results/NAME.md",
                        description="Runs every (row, seed) of configs/bench/NAME.yaml as a `kd3 distill` process, "
@@ -31,7 +37,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                    "and writes results/NAME.md, .json and charts.")
     p.add_argument("name", help="a bench (fashion-wild, digits-wild), a bench spec .yaml, or 'scale' "
                                 "(10k / 100k / 1M-image pools: time, memory, 1 vs 2 processes)")
-    p.add_argument("--methods", type=_names, help="comma-separated rows to run, e.g. blind_kd,kd3 (default: all)")
+    p.add_argument("--methods", type=_names, help="comma-separated rows to run, e.g. blind_kd,kd3 (default: all; "
+                                             "scale --presets: recommended,kd3)")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1 (default: the spec's); the tables then cover these seeds")
     p.add_argument("--jobs", type=_jobs, default=1,
                    help="runs at once, each one process with one thread (at most the number of cores)")
@@ -42,6 +49,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default=None, help="scale: where the synthetic pools go (default: the temp dir; "
                                                     "the 1M pool needs 3.1 GB), removed afterwards")
     p.add_argument("--out", default="results", help="scale: folder for scale.md, .json and .png")
+    p.add_argument("--presets", action="store_true",
+                   help="scale: run only the shipped presets (recommended, kd3; teacher_views: 8) on 1 and 2 processes, "
+                        "and put their section into the existing scale.md")
+    p.add_argument("--steps", type=_steps, default=None,
+                   help="scale: training steps of the presets' one epoch (default 40; their whole-pool passes always run in full)")
     p.set_defaults(func=run)
 
 

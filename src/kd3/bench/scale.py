@@ -5,7 +5,10 @@ through ``ImageWriter``; never committed), then, each in its own process so that
 its own (``os.wait4``): the relevance-score pass (``kd3.scores``, one teacher pass), one epoch of
 blind KD and one of KD³ (``kd3 distill``, one thread, teacher run every step, no test set). The
 ingest rate of an img2dataset-style shard set is measured with 1 and 2 workers, and blind KD on
-the 100k pool with 1 process against 2 (torchrun, gloo). Writes ``results/scale.md``, ``.json``
+the 100k pool with 1 process against 2 (torchrun, gloo). The shipped presets (recommended and KD³,
+``teacher_views: 8`` as shipped) run one epoch of capped steps on 1 and 2 processes, with the peak
+RSS of each rank, of all ranks summed and of the launcher (``--presets`` runs only these and puts
+their section into the existing scale.md). Writes ``results/scale.md``, ``.json``
 and ``scale.png`` (epoch time against pool size, with the linear line through the largest pool).
 
 The teacher is an untrained lenet5_bn: the measurements are of time and memory, which do not
@@ -40,6 +43,8 @@ class Measured:
     peak_rss_mb: float
     output: str
     code: int
+    # Every process of the tree seen while polling: pid -> (its VmHWM in MB, its command line).
+    processes: dict[int, tuple[float, str]] = field(default_factory=dict)
 
 
 def _tree(pid: int) -> list[int]:
@@ -68,21 +73,33 @@ def _high_water_mb(pid: int) -> float:
     return 0.0
 
 
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
     """Run ``command``; its wall time and the largest peak resident memory among it and its
-    children (read from /proc every 0.1 s, so a spike in the last 0.1 s of a process is missed)."""
+    children (read from /proc every 0.1 s, so a spike in the last 0.1 s of a process is missed),
+    with each process's own peak in ``processes``."""
     started = time.perf_counter()
     peaks: dict[int, float] = {}
+    commands: dict[int, str] = {}
     with tempfile.TemporaryFile("w+") as log:
         with subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as child:
             while child.poll() is None:
                 for pid in _tree(child.pid):
                     peaks[pid] = max(peaks.get(pid, 0.0), _high_water_mb(pid))
+                    # Read every time: a child read between its fork and its exec still shows its parent's line.
+                    commands[pid] = _command_line(pid) or commands.get(pid, "")
                 time.sleep(0.1)
         log.seek(0)
         output = log.read()
-    return Measured(time.perf_counter() - started, max(peaks.values(), default=0.0), output, child.returncode)
+    return Measured(time.perf_counter() - started, max(peaks.values(), default=0.0), output, child.returncode,
+                    {pid: (peak, commands.get(pid, "")) for pid, peak in peaks.items()})
 
 
 def build_pool(directory: Path, count: int, seed: int = 0) -> float:
@@ -162,6 +179,124 @@ def distill_row(method: str, pool_dir: Path, teacher: Path, out: Path, nproc: in
             "images_per_s": record["images_per_s"], "selected": record.get("selected")}
 
 
+# The shipped presets as users run them, teacher_views: 8 included (issue 24): what grows with the pool is
+# in their whole-pool passes (the recommended recipe's score pass, KD³'s per-epoch selection) and their
+# teacher-view caches, which all run in full in the one epoch measured; only its training steps are capped.
+PRESETS = {"recommended": "configs/fashion-wild/recommended.yaml", "kd3": "configs/fashion-wild/kd3.yaml"}
+PRESET_STEPS = 40
+PRESET_NPROCS = (1, 2)
+
+
+def _is_rank(command: str) -> bool:
+    """A training process: ``python -m kd3 distill`` itself or a worker torchrun started, not torchrun."""
+    return "kd3" in command and "distill" in command and "torch.distributed.run" not in command
+
+
+def preset_row(preset: str, pool_dir: Path, teacher: Path, out: Path, nproc: int,
+               steps: int = PRESET_STEPS) -> dict[str, Any]:
+    """One epoch of a shipped preset on 1 process or ``nproc`` (torchrun, gloo): wall time and the peak
+    RSS of every rank, of all ranks together and of the launcher."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                "kd3"] if nproc > 1 else [sys.executable, "-m", "kd3"]
+    overrides = ["pool.name=file", f"pool.path={pool_dir}", f"teacher.checkpoint={teacher}", "teacher.recipe=",
+                 "eval_data=", "train.epochs=1", f"train.epoch_steps={steps}", "train.threads=1", "progress=false",
+                 f"output_dir={out}", *METHOD_OVERRIDES.get(preset, [])]
+    # The teacher-view cache files go to this bench's own folder (removed with it), not the user's cache.
+    measured = measure([*launcher, "distill", PRESETS[preset], *overrides], env={"KD3_CACHE": str(out / "cache")})
+    if measured.code:
+        raise RuntimeError(f"{preset} on {pool_dir} ({nproc} process(es)) failed:\n{measured.output[-3000:]}")
+    ranks = sorted((peak for peak, command in measured.processes.values() if _is_rank(command)), reverse=True)
+    if len(ranks) != nproc:
+        raise RuntimeError(f"{preset}: saw {len(ranks)} training processes, expected {nproc}")
+    others = [peak for peak, command in measured.processes.values() if not _is_rank(command)]
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir() and d.name != "cache"]
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"preset": preset, "nproc": nproc, "steps": steps, "wall_s": measured.seconds, "epoch_s": record["epoch_time"],
+            "plan_s": record["plan_time"], "train_images": record["train_images"], "rank_peak_rss_mb": ranks,
+            "all_ranks_peak_rss_mb": sum(ranks), "launcher_peak_rss_mb": max(others, default=0.0)}
+
+
+def build_pool_measured(pool_dir: Path, size: int) -> dict[str, Any]:
+    """``build_pool`` in its own process; its row of the pool table."""
+    built = measure([sys.executable, "-c", f"from kd3.bench.scale import build_pool; "
+                     f"from pathlib import Path; print(build_pool(Path({str(pool_dir)!r}), {size}))"])
+    if built.code:
+        raise RuntimeError(f"building {pool_dir} failed:\n{built.output[-3000:]}")
+    return {"size": size, "build_s": float(built.output.strip().splitlines()[-1]), "peak_rss_mb": built.peak_rss_mb,
+            "bytes": (pool_dir / "images.npy").stat().st_size}
+
+
+def preset_rows(work: Path, teacher: Path, size: int, steps: int = PRESET_STEPS, presets: list[str] | None = None,
+                say=print) -> list[dict[str, Any]]:
+    """The shipped ``presets`` (default: all) on 1 and 2 processes over the pool ``work/pool-SIZE`` (built if missing)."""
+    unknown = sorted(set(presets or []) - set(PRESETS))
+    if unknown:
+        raise ValueError(f"kd3 bench scale --methods {','.join(unknown)}: no such preset; valid: {', '.join(PRESETS)}")
+    pool_dir = work / f"pool-{size}"
+    if not (pool_dir / "images.npy").is_file():
+        say(f"{size}: build the pool")
+        build_pool_measured(pool_dir, size)
+    rows = []
+    for preset in presets or PRESETS:
+        for nproc in PRESET_NPROCS:
+            say(f"{size}: preset {preset}, {nproc} process(es), one epoch of {steps} steps")
+            rows.append({"size": size, **preset_row(preset, pool_dir, teacher, work / f"preset-{size}-{preset}-{nproc}",
+                                                    nproc, steps)})
+    return rows
+
+
+PRESETS_HEADING = "## Shipped presets (`teacher_views: 8`), 1 and 2 processes"
+
+
+def _commit(stamp: dict[str, Any]) -> str:
+    commit = str(stamp.get("commit"))
+    return f"uncommitted tree at HEAD {commit.removesuffix('+dirty')}" if commit.endswith("+dirty") else commit
+
+
+def presets_section(rows: list[dict[str, Any]], stamps: list[dict[str, Any]]) -> list[str]:
+    """The markdown section of the preset rows, with how they were measured (``stamps``: each command
+    that measured some of them, with its commit, machine and wall time)."""
+    steps = sorted({r["steps"] for r in rows})
+    lines = [PRESETS_HEADING, ""]
+    for stamp in stamps:
+        lines.append(f"- `{stamp['command']}`: {_commit(stamp)}; {stamp.get('machine')}; "
+                     f"{stamp.get('wall_s', 0) / 60:.1f} min wall time")
+    lines += ["",
+             "`configs/fashion-wild/recommended.yaml` (DFND budget, bn_grid_maha ranking, teacher logits cached on 8 "
+             "views of the kept 30 %) and `configs/fashion-wild/kd3.yaml` (teacher feature maps (fp16) and logits cached "
+             "on 8 views of the whole pool: 6.7 KB per image; `method.thresholds=percentile`, as above) as shipped, "
+             "`teacher_views: 8` included, on the synthetic pools above with the untrained lenet5_bn teacher and student "
+             f"lenet5_half_bn: one epoch of {', '.join(map(str, steps))} training steps of 256 images (`train.epochs=1 "
+             "train.epoch_steps=N`): every whole-pool pass (score pass, KD³'s selection, the teacher-view cache) runs in "
+             "full, only the training steps are capped. One thread per process; 2 processes are `torchrun --standalone "
+             "--nproc_per_node=2 -m kd3 distill` (gloo), launched directly. The teacher-view caches are files in the kd3 "
+             "cache (`teacher-views/`, unlinked once open) read with `pread`: their pages sit in the kernel's shared, "
+             "reclaimable page cache, not in any process's resident memory.", "",
+             "Peak RSS is each process's VmHWM (polled from /proc every 0.1 s). *Per rank*: the largest over the ranks; "
+             "*all ranks*: the ranks' peaks summed (each at its own moment, so an upper bound of the simultaneous total; "
+             "pages of shared libraries count once per rank); *launcher*: torchrun's own process.", "",
+             "| pool images | preset | processes | selection/score pass s | epoch s | wall s | peak RSS per rank (MB) | "
+             "all ranks (MB) | launcher (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["size"], r["preset"], r["nproc"])):
+        launcher = f"{r['launcher_peak_rss_mb']:,.0f}" if r["nproc"] > 1 else "–"
+        lines.append(f"| {r['size']:,} | {r['preset']} | {r['nproc']} | {r['plan_s']:.1f} | {r['epoch_s']:.1f} | "
+                     f"{r['wall_s']:.0f} | {r['rank_peak_rss_mb'][0]:,.0f} | {r['all_ranks_peak_rss_mb']:,.0f} | {launcher} |")
+    return lines
+
+
+def splice_section(markdown: Path, section: list[str], heading: str = PRESETS_HEADING) -> None:
+    """Put ``section`` into ``markdown`` in place of its section under ``heading`` (to the next ``## ``), or at
+    the end; the rest of the file is kept."""
+    lines = markdown.read_text().splitlines() if markdown.is_file() else []
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*section, ""]
+    else:
+        lines += ["", *section]
+    markdown.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
 def ingest_rates(root: Path) -> dict[str, Any]:
     """Ingest of an img2dataset-style shard set with 1 and 2 workers, and the same images from a folder."""
     from kd3.data.ingest import ingest
@@ -187,6 +322,7 @@ class ScaleResults:
     runs: list[dict[str, Any]] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
     processes: list[dict[str, Any]] = field(default_factory=list)
+    presets: list[dict[str, Any]] = field(default_factory=list)
     ingest: dict[str, Any] = field(default_factory=dict)
     stamp: dict[str, Any] = field(default_factory=dict)
 
@@ -200,12 +336,7 @@ def run_scale(work: Path, sizes: tuple[int, ...] = SIZES, say=print) -> ScaleRes
     for size in sizes:
         pool_dir = work / f"pool-{size}"
         say(f"{size}: build the pool")
-        built = measure([sys.executable, "-c", f"from kd3.bench.scale import build_pool; "
-                         f"from pathlib import Path; print(build_pool(Path({str(pool_dir)!r}), {size}))"])
-        if built.code:
-            raise RuntimeError(f"building {pool_dir} failed:\n{built.output[-3000:]}")
-        results.pools.append({"size": size, "build_s": float(built.output.strip().splitlines()[-1]),
-                              "peak_rss_mb": built.peak_rss_mb, "bytes": (pool_dir / "images.npy").stat().st_size})
+        results.pools.append(build_pool_measured(pool_dir, size))
         say(f"{size}: score pass")
         scored = measure([sys.executable, "-c", f"from kd3.bench.scale import score_pass; "
                           f"score_pass({str(pool_dir)!r}, {str(teacher)!r})"])
@@ -216,6 +347,7 @@ def run_scale(work: Path, sizes: tuple[int, ...] = SIZES, say=print) -> ScaleRes
         for method in METHODS:
             say(f"{size}: {method}, one epoch")
             results.runs.append({"size": size, **distill_row(method, pool_dir, teacher, work / f"runs-{size}-{method}")})
+        results.presets += preset_rows(work, teacher, size, say=say)
     middle = sizes[len(sizes) // 2]
     for nproc in (1, 2):
         say(f"{middle}: blind_kd on {nproc} process(es)")
@@ -288,12 +420,14 @@ def write_report(results: ScaleResults, out_dir: Path, command: str) -> list[Pat
                   f"| folder (same images) | 2 | {ing['folder_2_workers_images_per_s']:,.0f} |", "",
                   f"Speed-up with 2 workers: **{ing['speedup']:.2f}×**. Pools from shards (1 and 2 workers) and from "
                   f"the folder byte-identical (same digest): **{'yes' if ing['identical'] else 'NO'}**."]
+    if results.presets:
+        lines += ["", *presets_section(results.presets, [{**stamp, "command": command}])]
     markdown = out_dir / "scale.md"
     markdown.write_text("\n".join(lines) + "\n")
     record = out_dir / "scale.json"
     record.write_text(json.dumps({"stamp": stamp, "pools": results.pools, "scores": results.scores,
-                                  "runs": results.runs, "processes": results.processes, "ingest": results.ingest},
-                                 indent=1, sort_keys=True))
+                                  "runs": results.runs, "processes": results.processes, "presets": results.presets,
+                                  "ingest": results.ingest}, indent=1, sort_keys=True))
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, colour in zip(METHODS, ("tab:blue", "tab:orange")):
         rows = sorted((r for r in runs if r["method"] == method), key=lambda r: r["size"])
@@ -314,24 +448,56 @@ def write_report(results: ScaleResults, out_dir: Path, command: str) -> list[Pat
     return [markdown, record, plot]
 
 
+def _stamp(command: str, started: float) -> dict[str, Any]:
+    from kd3.bench.runner import run_stamp
+
+    stamp = run_stamp(command)
+    machine = stamp["machine"]
+    return {"commit": stamp["commit"], "machine": f"{machine['cores']} cores, {machine['cpu']}, torch {machine['torch']}, "
+            f"GPU: {machine['gpu'] or 'none'}", "wall_s": time.perf_counter() - started}
+
+
 def run(args) -> None:
-    """``kd3 bench scale``."""
+    """``kd3 bench scale``; with ``--presets`` only the shipped presets' rows, put into the existing scale.md."""
     import shutil
     import tempfile
 
-    from kd3.bench.runner import run_stamp
-
     sizes = tuple(args.sizes) if args.sizes else SIZES
-    command = "kd3 bench scale" + (f" --sizes {','.join(map(str, sizes))}" if args.sizes else "")
+    presets_only = getattr(args, "presets", False)
+    steps = getattr(args, "steps", None) or PRESET_STEPS
+    command = "kd3 bench scale" + (f" --sizes {','.join(map(str, sizes))}" if args.sizes else "") \
+        + (" --presets" if presets_only else "") + (f" --methods {','.join(args.methods)}" if presets_only and args.methods else "") \
+        + (f" --steps {steps}" if steps != PRESET_STEPS else "")
     work = Path(tempfile.mkdtemp(prefix="kd3-scale-", dir=args.work_dir))
     started = time.perf_counter()
+    say = lambda text: print(text, flush=True)  # noqa: E731
     try:
-        results = run_scale(work, sizes, say=lambda text: print(text, flush=True))
+        if presets_only:
+            teacher = make_teacher(work / "teacher.pt")
+            rows = [row for size in sizes for row in preset_rows(work, teacher, size, steps, args.methods, say=say)]
+        else:
+            results = run_scale(work, sizes, say=say)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gigabytes of synthetic pools: never left behind
-    stamp = run_stamp(command)
-    machine = stamp["machine"]
-    results.stamp = {"commit": stamp["commit"], "machine": f"{machine['cores']} cores, {machine['cpu']}, "
-                     f"torch {machine['torch']}, GPU: {machine['gpu'] or 'none'}", "wall_s": time.perf_counter() - started}
-    for path in write_report(results, Path(args.out), command):
+    stamp = _stamp(command, started)
+    out = Path(args.out)
+    if presets_only:
+        out.mkdir(parents=True, exist_ok=True)
+        # Rows measured earlier (other sizes or presets) are kept; a row measured again replaces its old one.
+        record = out / "scale-presets.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else {}
+        earlier = {"stamps": earlier.get("stamps", []), "presets": earlier.get("presets", [])}
+        measured = {(r["size"], r["preset"], r["nproc"]) for r in rows}
+        kept = [r for r in earlier["presets"] if (r["size"], r["preset"], r["nproc"]) not in measured]
+        stamp["command"] = command
+        for r in rows:
+            r["command"] = command
+        rows = kept + rows
+        stamps = [s for s in earlier["stamps"] if any(r.get("command") == s["command"] for r in rows)] + [stamp]
+        splice_section(out / "scale.md", presets_section(rows, stamps))
+        record.write_text(json.dumps({"stamps": stamps, "presets": rows}, indent=1, sort_keys=True))
+        print(f"wrote {out / 'scale.md'} (section {PRESETS_HEADING[3:]!r}) and {out / 'scale-presets.json'}")
+        return
+    results.stamp = stamp
+    for path in write_report(results, out, command):
         print(f"wrote {path}")

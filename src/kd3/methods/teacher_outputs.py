@@ -8,8 +8,8 @@ import torch
 
 from kd3.data.augment import FixedViews
 from kd3.data.mixing import Mixing
-from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext
+from kd3.methods.view_cache import ViewStore, build_view_cache
 from kd3.utils.progress import progress
 
 
@@ -23,7 +23,8 @@ class TeacherLogits:
     """Produces (student input, teacher logits) for a batch of pool images.
 
     With ``num_views > 0`` the teacher runs once over K fixed augmented views of the whole pool
-    (lazily, on first use) and each step draws one cached view per image; with 0 the teacher
+    (lazily, on first use) into a file on disk (``kd3.methods.view_cache``: a process holds O(batch) of
+    it, whatever the pool size) and each step draws one cached view per image; with 0 the teacher
     runs on a fresh random augmentation every step. With ``mixing`` active the teacher runs every
     step on the mixed batch (the student's exact input), so it requires ``num_views = 0``.
     """
@@ -34,10 +35,10 @@ class TeacherLogits:
         self.num_views = num_views
         self.mixing = mixing
         self.views = FixedViews(ctx.pool_size, num_views, ctx.augment, seed=ctx.seed) if num_views > 0 else None
-        self.cache: torch.Tensor | None = None
+        self.cache: ViewStore | None = None
 
     @torch.inference_mode()
-    def _fill_cache(self) -> torch.Tensor:
+    def _fill_cache(self) -> ViewStore:
         assert self.views is not None
         ctx, views = self.ctx, self.views
 
@@ -48,8 +49,8 @@ class TeacherLogits:
             return [torch.stack([ctx.teacher(ctx.normalize(views.apply(images, idx, torch.full_like(idx, v)))).float().cpu()
                                  for v in range(self.num_views)], dim=1)]
 
-        (cache,) = map_rows(ctx.pool_size, 1024, compute,
-                            lambda starts: progress(starts, desc="teacher views", enabled=ctx.progress))
+        (cache,) = build_view_cache(ctx.pool_size, self.num_views, 1024, ctx.cache_dir, compute,
+                                    lambda starts: progress(starts, desc="teacher views", enabled=ctx.progress))
         return cache
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,4 +63,4 @@ class TeacherLogits:
             self.cache = self._fill_cache()
         views = torch.randint(0, self.num_views, (len(batch.indices),))
         x = ctx.normalize(self.views.apply(batch.images, batch.indices, views))
-        return x, self.cache[batch.indices, views].to(ctx.device)
+        return x, self.cache.read(batch.indices, views).to(ctx.device)

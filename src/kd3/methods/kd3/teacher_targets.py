@@ -2,11 +2,13 @@
 fixed augmented views of the pool.
 
 KD³ aligns feature maps, so unlike ``TeacherLogits`` the cache must hold F_T too. It holds them in
-fp16 on the CPU: pool_size × K × (C_T·H_T·W_T · 2 + num_classes · 4) bytes, e.g. 20k images ×
-8 views of a 64×7×7 map ≈ 1.0 GB, but 1.28M ImageNet-32 images × 8 views of ResNet-34's 512×4×4
-map ≈ 168 GB. A cache over the size limit is not built: the teacher runs every step instead, with
-a warning. With the teacher-side contrastive term on, the teacher still runs on the perturbed
-batch every step; the cache saves only the clean forward.
+fp16, on disk (``kd3.methods.view_cache``: files in the kd3 cache folder, read a batch of rows at a
+time, so a process holds O(batch) of them): pool_size × K × (C_T·H_T·W_T · 2 + num_classes · 4)
+bytes, e.g. 20k images × 8 views of a 64×7×7 map ≈ 1.0 GB, but 1.28M ImageNet-32 images × 8 views
+of ResNet-34's 512×4×4 map ≈ 168 GB. A cache over the size limit (``teacher_cache_gb``, now disk
+space) is not built: the teacher runs every step instead, with a warning. With the teacher-side
+contrastive term on, the teacher still runs on the perturbed batch every step; the cache saves only
+the clean forward.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import warnings
 import torch
 
 from kd3.data.augment import FixedViews
-from kd3.engine.distributed import map_rows
 from kd3.methods.base import Batch, DistillContext
+from kd3.methods.view_cache import ViewStore, build_view_cache
 from kd3.utils.progress import progress
 
 
@@ -41,8 +43,8 @@ class TeacherTargets:
         self.feature_shape = feature_shape
         # FixedViews has its own seeded generator: building it does not touch the global RNG.
         self.views = FixedViews(ctx.pool_size, num_views, ctx.augment, seed=ctx.seed) if num_views > 0 else None
-        self.maps: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
+        self.maps: ViewStore | None = None
+        self.logits: ViewStore | None = None
 
     @property
     def cached(self) -> bool:
@@ -67,8 +69,9 @@ class TeacherTargets:
             return [torch.stack([m.half().cpu() for m, _ in outputs], dim=1),
                     torch.stack([z.float().cpu() for _, z in outputs], dim=1)]
 
-        self.maps, self.logits = map_rows(ctx.pool_size, ctx.batch_size, compute,
-                                          lambda starts: progress(starts, desc="kd3 teacher views", enabled=ctx.progress))
+        self.maps, self.logits = build_view_cache(
+            ctx.pool_size, self.num_views, ctx.batch_size, ctx.cache_dir, compute,
+            lambda starts: progress(starts, desc="kd3 teacher views", enabled=ctx.progress))
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.ctx
@@ -83,4 +86,4 @@ class TeacherTargets:
         views = torch.randint(0, self.num_views, (len(batch.indices),))
         x = ctx.normalize(self.views.apply(batch.images, batch.indices, views))
         idx = batch.indices.cpu()
-        return x, self.maps[idx, views].to(ctx.device), self.logits[idx, views].to(ctx.device)
+        return x, self.maps.read(idx, views).to(ctx.device), self.logits.read(idx, views).to(ctx.device)
