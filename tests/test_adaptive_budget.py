@@ -11,9 +11,14 @@ from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
 from baseline_nets import BNNet, make_context, random_images
+from kd3.data.augment import Normalizer
+from kd3.data.pool import Pool
+from kd3.diagnose import diagnose
 from kd3.methods.dfnd import DFND, DFNDOptions
-from kd3.scores import TeacherOutputs, compute_score, fitted, teacher_outputs
+from kd3.models import create_model
+from kd3.scores import TeacherOutputs, cached_teacher_outputs, compute_score, fitted, teacher_outputs
 from kd3.scores.share import gaussian_log_density, relative_density
+from kd3.teacher import TeacherInfo, save_teacher
 
 
 def hand_made(grid: torch.Tensor, prediction: torch.Tensor, num_classes: int = 2) -> TeacherOutputs:
@@ -103,3 +108,20 @@ def test_dfnd_rejects_an_unknown_budget():
     ctx = make_context(BNNet().eval(), random_images(10))
     with pytest.raises(ValueError, match="budget"):
         DFND(BNNet(), ctx, DFNDOptions(budget="adaptive"))
+
+
+def test_diagnose_reports_the_estimated_relevant_share(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("lenet5_half_bn", num_classes=10, in_channels=1, image_size=28).eval()
+    path = tmp_path / "teacher.pt"
+    save_teacher(path, net, TeacherInfo(arch="lenet5_half_bn", num_classes=10, in_channels=1, image_size=28,
+                                        classes=[f"c{k}" for k in range(10)], mean=[0.3], std=[0.3], data="synthetic",
+                                        test_accuracy=0.1, val_accuracy=0.1))
+    images = torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:40] //= 4
+    pool = Pool.unlabelled(images, "folder")
+    files = diagnose(pool, path, tmp_path / "out", tmp_path / "cache", "folder")
+    outputs = cached_teacher_outputs(pool, net, Normalizer((0.3,), (0.3,)), tmp_path / "cache")
+    share = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).share
+    assert files.diagnosis.estimated_share == share
+    assert f"Estimated relevant share: {share:.3f} of the pool" in files.markdown.read_text()

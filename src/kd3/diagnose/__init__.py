@@ -17,7 +17,8 @@ from kd3.data.pool import Pool
 from kd3.diagnose.analysis import Diagnosis, analyse
 from kd3.diagnose.plots import write_plots
 from kd3.diagnose.report import write_report
-from kd3.scores import DEFAULT_SCORE, available_scores, cached_teacher_outputs, fitted, resolve
+from kd3.scores import DEFAULT_SCORE, available_scores, cached_teacher_outputs, compute_score, fitted, resolve
+from kd3.scores.share import relative_density
 from kd3.teacher import load_teacher
 
 # Reported next to the default: the calibration's pick and issue 6's default (the default's seed), to
@@ -45,11 +46,18 @@ def diagnose(pool: Pool, teacher_path: Path, out: Path, cache_dir: Path, title: 
     if not outputs.bn_layers:
         names = [n for n in names if "bn_" not in n]  # combinations need their BatchNorm components too
     diagnosis = analyse(pool, outputs, info.classes, list(dict.fromkeys(names)), resolve(DEFAULT_SCORE), title)
+    if outputs.bn_grid is not None and outputs.bn_grid.shape[1]:
+        diagnosis.estimated_share = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).share
     out.mkdir(parents=True, exist_ok=True)
     images = write_plots(diagnosis, out)
     header = [f"Pool: {title}, {len(pool)} images, provenance: {'yes' if diagnosis.aurocs else 'no'}.",
               f"Teacher: `{teacher_path}` ({info.arch}, trained on {info.data}, test accuracy "
               f"{100 * info.test_accuracy:.2f} %, sha256 {info.sha256[:12]}).",
               f"kd3's default relevance score: `{diagnosis.default_score}`."]
+    if diagnosis.estimated_share is not None:
+        truth = f"; provenance says {diagnosis.relevant.mean():.3f}" if diagnosis.aurocs else ""
+        header.append(f"Estimated relevant share: {diagnosis.estimated_share:.3f} of the pool (images whose density ratio "
+                      f"favours the relevant fit, `kd3.scores.share.relative_density`; it under-estimates mostly-clean "
+                      f"pools and over-estimates pools that are almost all junk{truth}).")
     markdown, page = write_report(diagnosis, out, header, images)
     return DiagnosisFiles(diagnosis, markdown, page, images)

@@ -43,6 +43,8 @@ class Diagnosis:
     scores: dict[str, np.ndarray]  # name -> value per image, higher = more relevant
     aurocs: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> group -> AUROC
     kept: dict[str, dict[float, Kept]] = field(default_factory=dict)  # score -> fraction -> Kept
+    # The pool's estimated relevant share (kd3.scores.share.relative_density); None without BatchNorm features
+    estimated_share: float | None = None
 
     @property
     def num_classes(self) -> int:

@@ -16,10 +16,11 @@ is the pool's fraction with LLR > 0. The background tracks the pool: junk it hol
 share grows with the pool's relevant part instead of being a fixed budget.
 
 Measured on fashion-wild's irrelevant-fraction sweep (provenance used only to measure; see
-results/fashion-wild-budget.md): the share is an *under*-estimate on clean pools (about 0.46 kept of
-a fully relevant pool; the seed fit is narrower than all relevant images) and an over-estimate where
-junk dominates (about 0.34 at 10 % relevant): a better budget than a fixed 30 % at 0-50 % junk, no
-better at 90 %.
+results/issue22/share_estimates.md): true share 1.00 / 0.75 / 0.50 / 0.30 / 0.10 reads as 0.46 / 0.44 /
+0.38 / 0.32 / 0.34. An *under*-estimate where the pool is mostly relevant (the seed fit is narrower
+than all relevant images, so their fringe favours the background) and an over-estimate where junk
+dominates (the seed itself is then part junk): a larger budget than a fixed 30 % where junk is
+scarce, no smaller one where it is everything.
 """
 from __future__ import annotations
 
