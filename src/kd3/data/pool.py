@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import zipfile
 import zlib
 from collections import Counter
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from kd3.data.storage import IMAGES_FILE, DiskImages, PoolImages, chunks, take, temp_name
-from kd3.utils.safe_load import UnsafeFileError, read_npy, read_npz
+from kd3.utils.safe_load import UnsafeFileError, irregular_kind, read_npy, read_npz
 
 UNKNOWN_LABEL = -1
 _ARRAYS = ("images", "source", "style", "relevant", "true_label")
@@ -209,15 +208,13 @@ class Pool:
 
 
 def require_regular_file(path: Path) -> None:
-    """``path`` exists and is a regular file (or a link to one), checked with ``stat`` before anything
-    opens it: a FIFO would block the reader forever, a device would feed it endless bytes."""
+    """``path`` exists and is a regular file (or a link to one), checked with ``stat`` before anything opens it."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist (write a pool with `kd3 data ingest`)") from None
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    kind = irregular_kind(mode)
+    if kind is not None:
         raise ValueError(f"{path} {NOT_A_POOL}: it is {kind}, not a regular file; nothing was read from it")
 
 

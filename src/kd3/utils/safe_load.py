@@ -150,13 +150,21 @@ def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def irregular_kind(mode: int) -> str | None:
+    """What a ``stat`` mode that is not a regular file is, in words ("a FIFO (named pipe)", ...); None for a
+    regular file. Checked before anything opens a path: a FIFO would block the reader forever, a device
+    would feed it endless bytes."""
+    if stat.S_ISREG(mode):
+        return None
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a directory"
+            if stat.S_ISDIR(mode) else "not a file")
+
+
 def require_regular(path: Path, what: str) -> None:
     """``path`` is a regular file (or a link to one); else one line saying what it is, before anything reads it."""
-    mode = path.stat().st_mode  # a missing file raises FileNotFoundError naming it
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a directory"
-                if stat.S_ISDIR(mode) else "not a file")
+    kind = irregular_kind(path.stat().st_mode)  # a missing file raises FileNotFoundError naming it
+    if kind is not None:
         raise ValueError(f"{path} is not {_a(what)}: it is {kind}, not a regular file; nothing was read from it")
 
 
