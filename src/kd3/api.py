@@ -1,7 +1,6 @@
 """The library entry points the CLI calls: train a teacher, distil a student, evaluate a model."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,7 +20,7 @@ from kd3.config import ConfigError, DistillConfig, TeacherTrainConfig, load_conf
 from kd3.data.augment import CropFlip, Normalizer
 from kd3.data.contamination import drop_contaminated, evaluation_images, pool_contamination
 from kd3.data.labelled import load_labelled
-from kd3.data.pool import Pool, atomic_write
+from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.data.sources import LabelledData, load_source
 from kd3.engine import checkpoint, distributed, faults, run_lock, signals
@@ -38,6 +37,7 @@ from kd3.run_inputs import describe as describe_inputs
 from kd3.run_inputs import record as record_inputs
 from kd3.shipped import ShippedModel, load_model_file
 from kd3.teacher import TeacherInfo, load_teacher, save_teacher
+from kd3.teacher_eval import read_teacher_accuracy, record_teacher_accuracy
 from kd3.utils.filelock import load_or_build
 from kd3.utils.safe_load import refuse_unsafe
 
@@ -432,27 +432,6 @@ def _distill(cfg: DistillConfig, resume: Path | None, stop_after: int | None, al
             faults.write_failure_note(run_dir, str(failure))
         raise
     return result
-
-
-TEACHER_EVAL = "teacher_eval.json"
-
-
-def record_teacher_accuracy(run_dir: Path, ctx: DistillContext, eval_data: LabelledData, name: str) -> None:
-    """The teacher's accuracy on the run's eval data, measured once when the run starts, so the student
-    is compared with its teacher on the same images (an imported teacher has no accuracy of its own)."""
-    result = evaluate(ctx.teacher, eval_data.images, eval_data.labels, ctx.normalize, ctx.device)
-    record = {"eval_data": name, "accuracy": result.accuracy, "standard_error": result.standard_error,
-              "images": result.count}
-    with faults.writing(run_dir / TEACHER_EVAL, "nothing was trained"):
-        atomic_write(run_dir / TEACHER_EVAL, lambda f: f.write(json.dumps(record, indent=1).encode()))
-
-
-def read_teacher_accuracy(run_dir: Path) -> dict[str, Any] | None:
-    """What ``record_teacher_accuracy`` wrote, or None (no eval data, or a run from an older kd3)."""
-    try:
-        return json.loads((run_dir / TEACHER_EVAL).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _deliver(method: Method, info: TeacherInfo, run_dir: Path, result: RunResult, eval_count: int) -> None:

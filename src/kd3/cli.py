@@ -160,6 +160,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from kd3 import api
     from kd3.config import DistillConfig, load_config
     from kd3.engine import distributed
+    from kd3.teacher_eval import read_teacher_accuracy
 
     try:
         if args.resume:
@@ -176,7 +177,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     finally:
         distributed.shutdown()
     if not distributed.launched() or int(os.environ.get("RANK", "0")) == 0:  # one summary, from rank 0
-        teacher = api.read_teacher_accuracy(result.run_dir)  # the teacher on the same eval images
+        teacher = read_teacher_accuracy(result.run_dir)  # the teacher on the same eval images
         _print_result("kd3 distill", [[str(result.run_dir), f"{100 * result.accuracy:.2f} ± {100 * result.accuracy_se:.2f}",
                                        f"{100 * teacher['accuracy']:.2f}" if teacher else "–",
                                        f"{result.wall_time:.1f}", result.images_seen, f"{result.images_per_second:.0f}"]],

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from kd3.api import read_teacher_accuracy
 from kd3.report.teacher import RunTeacher, read_run_teacher
+from kd3.teacher_eval import read_teacher_accuracy
 
 _SELECTION_FILE = re.compile(r"epoch-(\d+)\.npy")
 
