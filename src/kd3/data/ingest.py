@@ -13,25 +13,29 @@ removed first; a write that fails (a full disk, a read-only directory) is one
 """
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from kd3.data.decode import CONVERSIONS, DEFAULT_ALPHA, check_alpha, read_and_decode
-from kd3.data.pool import META_FILE, POOL_FILES, Pool, is_pool, write_pool_arrays
+from kd3.data.pool import META_FILE, PATHS, POOL_FILES, Pool, is_pool, write_paths, write_pool_arrays
 from kd3.data.shards import decode_shard, find_shards, is_shard_spec, shard_pattern
 from kd3.data.storage import IMAGES_FILE, DiskImages, ImageWriter, is_temp_of, remove_stale_temps, temp_name
 from kd3.engine import faults, signals
@@ -44,6 +48,8 @@ MAX_BAD_PATHS = 10  # how many unreadable files the report names; the counts cov
 FOLDER_TASK = 512  # files per worker task: big enough to amortise the round trip
 ORIGIN = "ingested"  # the source of every ingested image, folder or shards alike
 SIDECAR_FILE = "sidecar.jsonl"  # per-image metadata from img2dataset's json/txt members
+PATHS_CHUNK = 65536  # source paths turned into one fixed-width array at a time when the pool is written
+PATHS_READ = 1 << 20  # bytes of the paths file read back at a time
 
 # A worker's answer for one task: images, their side records, (where, reason) per skip, conversions made.
 Decoded = tuple[np.ndarray, list[dict], list[tuple[str, str]], Counter[str]]
@@ -263,8 +269,8 @@ class _Sink:
     file on disk (a pool directory), whose failed writes are ``WriteFailed`` saying ``kept``.
 
     Side records are written to the sidecar file as they arrive, not held: at ten million images
-    they would be tens of GB of Python dicts. Only each image's source path is kept (the pool's
-    ``paths``)."""
+    they would be tens of GB of Python dicts. Each image's source path (the pool's ``paths``) goes
+    to a ``_PathStream`` as it arrives, not to a list."""
 
     def __init__(self, out: Path | None, row_shape: tuple[int, int, int], kept: str = ""):
         self.directory = out if out is not None and out.suffix != ".npz" else None
@@ -277,11 +283,17 @@ class _Sink:
             try:
                 with faults.writing(self.directory / SIDECAR_FILE, kept):
                     self.sidecar = _SidecarWriter(self.directory / SIDECAR_FILE)
+                with faults.writing(self.directory / f"{PATHS}.npy", kept):
+                    # Unnamed (O_TMPFILE where there is one): nothing to clean up after a killed ingest.
+                    self.paths = _PathStream(tempfile.TemporaryFile(dir=self.directory))
             except BaseException:
                 self.writer.abort()
+                if self.sidecar is not None:
+                    self.sidecar.abort()
                 raise
+        else:
+            self.paths = _PathStream(io.BytesIO())  # the pool is in memory anyway: a few bytes a path more
         self.parts: list[np.ndarray] = []
-        self.paths: list[str] = []
         self.count = 0
 
     def add(self, images: np.ndarray, metadata: list[dict]) -> None:
@@ -293,7 +305,9 @@ class _Sink:
         if self.sidecar is not None:
             with faults.writing(self.sidecar.path, self.kept):
                 self.sidecar.write(metadata)
-        self.paths += [source_path(record) for record in metadata]
+        # An in-memory stream cannot fail to write; a file in the pool directory can (a full disk).
+        with faults.writing(self.directory / f"{PATHS}.npy", self.kept) if self.directory is not None else nullcontext():
+            self.paths.write([source_path(record) for record in metadata])
         self.count += len(images)
 
     def images(self):
@@ -307,6 +321,58 @@ class _Sink:
             self.writer.abort()
         if self.sidecar is not None:
             self.sidecar.abort()
+        self.paths.close()
+
+
+class _PathStream:
+    """Each image's source path, appended to ``file`` as it is decoded, then read back in order as
+    fixed-width ``<U`` arrays of ``PATHS_CHUNK`` (what ``paths.npy`` holds). A Python list of a
+    million paths and the ``<U`` array made from it at the end (with its copies) were most of what
+    grew with the number of images in the ingest process (issue 24): here memory holds one
+    chunk, whatever the count.
+
+    Each path is UTF-8 (``surrogatepass``: any str round-trips) ended by a NUL byte, which no file
+    path or tar member name contains. ``width``: the longest path in characters, the array's width."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.count = 0
+        self.width = 1  # numpy's narrowest str dtype, what np.array of empty strings gives
+
+    def write(self, paths: list[str]) -> None:
+        self.width = max([self.width, *map(len, paths)])
+        self.file.write(b"".join(path.encode("utf-8", "surrogatepass") + b"\0" for path in paths))
+        self.count += len(paths)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Every path in order, as ``<U{width}`` arrays of at most ``PATHS_CHUNK``."""
+        self.file.flush()
+        self.file.seek(0)
+        pending: list[bytes] = []
+        tail = b""
+        while block := self.file.read(PATHS_READ):
+            *whole, tail = (tail + block).split(b"\0")
+            pending += whole
+            while len(pending) >= PATHS_CHUNK:
+                yield self._array(pending[:PATHS_CHUNK])
+                del pending[:PATHS_CHUNK]
+        if pending:
+            yield self._array(pending)
+
+    def _array(self, encoded: list[bytes]) -> np.ndarray:
+        return np.array([path.decode("utf-8", "surrogatepass") for path in encoded], dtype=f"<U{self.width}")
+
+    def array(self) -> np.ndarray:
+        """Every path in one ``<U{width}`` array (an in-memory pool), filled chunk by chunk."""
+        out = np.empty(self.count, dtype=f"<U{self.width}")
+        start = 0
+        for chunk in self.chunks():
+            out[start:start + len(chunk)] = chunk
+            start += len(chunk)
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _SidecarWriter:
@@ -463,21 +529,32 @@ def ingest(source: str | os.PathLike, size: int, channels: int, out: str | os.Pa
     meta = {**kind, "size": size, "channels": channels, "image_shape": [channels, size, size], "alpha": alpha,
             "counts": {"found": report.found, "loaded": report.loaded, "skipped": skipped, "reasons": dict(reasons),
                        "conversions": report.conversions}}
-    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=np.array(sink.paths))
     if sink.directory is not None:
-        with faults.writing(sink.directory, f"{sink.directory} holds the new images but not all their arrays: "
-                                            "ingest again once it can be written"):
-            try:
-                write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta)
-                sink.sidecar.close()
-            except BaseException:
-                sink.sidecar.abort()
-                raise
-        pool = Pool.load(sink.directory)
-    elif out_path is not None:
+        _write_directory(sink, images, meta)
+        return Pool.load(sink.directory), report
+    pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta, paths=sink.paths.array())
+    sink.paths.close()
+    if out_path is not None:
         with faults.writing(out_path, kept):
             pool.save(out_path)
     return pool, report
+
+
+def _write_directory(sink: _Sink, images: DiskImages, meta: dict) -> None:
+    """A pool directory's arrays beside the images ``sink`` wrote: paths.npy streamed from the paths
+    file, the provenance arrays, meta.json, then the sidecar renamed into place."""
+    with faults.writing(sink.directory, f"{sink.directory} holds the new images but not all their arrays: "
+                                        "ingest again once it can be written"):
+        try:
+            write_paths(sink.directory, sink.paths.chunks(), sink.paths.count, sink.paths.width)
+            pool = Pool.unlabelled(images, origin=ORIGIN, meta=meta)
+            write_pool_arrays(sink.directory, pool._provenance_arrays(), pool.meta, paths_written=True)
+            sink.sidecar.close()
+        except BaseException:
+            sink.sidecar.abort()
+            raise
+        finally:
+            sink.paths.close()
 
 
 def ingest_folder(directory: str | os.PathLike, size: int, channels: int,

@@ -24,6 +24,7 @@ import os
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Pool:
     meta: dict = field(default_factory=dict)  # the knobs and counts that built the pool
     # str per image: the file (or shard.tar:member) it was decoded from; None for built pools.
     # Not part of the digest: the same images ingested from a folder or from shards are one pool.
+    # A pool directory's is a read-only memory map of paths.npy (``_mapped``).
     paths: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -114,9 +116,9 @@ class Pool:
             return self.meta["digest"]
         h = hashlib.sha256()
         for chunk in chunks(self.images, DIGEST_CHUNK):
-            h.update(chunk.numpy().tobytes())
+            h.update(np.ascontiguousarray(chunk.numpy()))  # hashed in place: no bytes copy of each chunk
         for name in _ARRAYS[1:]:
-            h.update(np.ascontiguousarray(getattr(self, name)).tobytes())
+            h.update(np.ascontiguousarray(getattr(self, name)))  # the same bytes as .tobytes(), not copied
         return h.hexdigest()
 
     def _disk_stamp(self) -> list | None:
@@ -141,10 +143,12 @@ class Pool:
     def _provenance_arrays(self) -> dict[str, np.ndarray]:
         """Every per-image array but the images: provenance, and the source paths when known."""
         # Fixed-width unicode arrays load with allow_pickle=False; object arrays would not.
-        arrays = {"source": self.source.astype(str), "style": self.style.astype(str),
-                  "relevant": self.relevant.astype(bool), "true_label": self.true_label.astype(np.int64)}
+        # copy=False: arrays already of their type are written as they are, not copied first.
+        arrays = {"source": self.source.astype(str, copy=False), "style": self.style.astype(str, copy=False),
+                  "relevant": self.relevant.astype(bool, copy=False),
+                  "true_label": self.true_label.astype(np.int64, copy=False)}
         if self.paths is not None:
-            arrays[PATHS] = self.paths.astype(str)
+            arrays[PATHS] = self.paths.astype(str, copy=False)
         return arrays
 
     def _save_directory(self, directory: Path) -> Path:
@@ -197,7 +201,7 @@ class Pool:
                                     "there (write one with `kd3 data ingest ... --out DIR`)")
         arrays = {name: _read_array(directory / f"{name}.npy") for name in _ARRAYS[1:]}
         if (directory / f"{PATHS}.npy").is_file():
-            arrays[PATHS] = _read_array(directory / f"{PATHS}.npy")
+            arrays[PATHS] = _read_array(directory / f"{PATHS}.npy", mapped=True)
         meta = read_meta(directory)
         images = DiskImages(directory / IMAGES_FILE)  # a damaged images file names itself
         try:
@@ -260,9 +264,10 @@ def _npz_members(path: Path) -> set[str]:
                          f"of file){hint}") from None
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _read_array(path: Path, mapped: bool = False) -> np.ndarray:
     """One array of a pool directory; a file that is no ``.npy`` named as such (numpy's own words for
-    it would suggest allow_pickle, which is the wrong advice for a file kd3 should have written)."""
+    it would suggest allow_pickle, which is the wrong advice for a file kd3 should have written).
+    ``mapped``: a read-only memory map instead of a copy in memory (``_mapped``)."""
     require_regular_file(path)
     with open(path, "rb") as f:
         magic = f.read(len(_NPY_MAGIC))
@@ -270,12 +275,22 @@ def _read_array(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a .npy array of a kd3 pool (its first bytes are not numpy's); "
                          "ingest or build the pool again")
     try:
-        return read_npy(path, "kd3 pool")
+        return _mapped(path) if mapped else read_npy(path, "kd3 pool")
     except UnsafeFileError:
         raise
     except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{path} is not a readable .npy array of a kd3 pool ({_detail(error)}); "
                          "ingest or build the pool again") from None
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """``path`` memory-mapped read-only: the source paths of a million-image pool are 100-200 MB as a
+    ``<U`` array, and a reader (``kd3 data show``, a contamination row) looks at a few of them, so
+    only the pages read become resident."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # an object array (which read_npy refuses by name), an empty one (nothing to map), a bad header
+        return read_npy(path, "kd3 pool")
 
 
 def _detail(error: BaseException) -> str:
@@ -284,18 +299,38 @@ def _detail(error: BaseException) -> str:
     return "it holds pickled data, which a kd3 pool never holds" if "allow_pickle" in line else line
 
 
-def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def write_pool_arrays(directory: Path, arrays: dict[str, np.ndarray], meta: dict, paths_written: bool = False) -> None:
     """The provenance arrays and meta.json of a pool directory (each written atomically), with
-    the pool's digest recorded so that later runs need not re-read its images."""
+    the pool's digest recorded so that later runs need not re-read its images. ``paths_written``:
+    paths.npy is already this pool's (``write_paths``, ingest), not in ``arrays``."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         atomic_write(directory / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
-    if PATHS not in arrays:  # a pool without paths written over one with them: the old paths are not this pool's
+    if PATHS not in arrays and not paths_written:  # a pool without paths written over one with them: the old paths are not this pool's
         (directory / f"{PATHS}.npy").unlink(missing_ok=True)
     pool = Pool(images=DiskImages(directory / IMAGES_FILE), meta=dict(meta), **arrays)
     meta = {k: v for k, v in meta.items() if k not in ("digest", "digest_of")}
     meta.update(digest=pool.digest(), digest_of=pool._disk_stamp())
     atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, sort_keys=True, indent=1).encode()))
+
+
+def write_paths(directory: Path, parts: Iterable[np.ndarray], count: int, width: int) -> None:
+    """A pool directory's paths.npy from ``parts``, arrays of ``<U{width}`` source paths, ``count`` in all,
+    written as they come (atomically): the same bytes ``np.save`` writes for the whole array, which
+    is never in memory at once."""
+    dtype = np.dtype(f"<U{width}")
+
+    def write(f) -> None:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (count,)})
+        written = 0
+        for part in parts:
+            f.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+            written += len(part)
+        if written != count:  # a header promising rows that are not there would be a corrupt file
+            raise ValueError(f"{written} source paths for a paths.npy of {count}")
+
+    atomic_write(directory / f"{PATHS}.npy", write)
 
 
 def atomic_write(path: Path, write) -> None:
