@@ -77,8 +77,8 @@ def test_specs_expand_into_the_protocol_runs():
         "teacher", "supervised", "kd-original", "oracle", "blind_kd", "dfnd", "dafl", "deepinversion", "kd3",
         "kd3-no-selection", "kd3-no-sharing", "kd3-no-weighting", "kd3-no-mixdistribution", "kd3-pooled",
         "kd3-relevance", "kd3-relevance-bn_mean_all", "dfnd-relevance", "dfnd-relevance-bn_mean_all",
-        "kd3-relevance-no-sharing", "dfnd-relevance-no-noise", "dfnd-grid", "kd3-grid-no-sharing", "recommended",
-        "recommended-per-class", "recommended-mixup", "blind_kd-mixup", "recommended-views0", "blind_kd-views0",
+        "kd3-relevance-no-sharing", "dfnd-relevance-no-noise", "dfnd-grid", "kd3-grid-no-sharing", "recommended-fixed30",
+        "recommended", "recommended-per-class", "recommended-mixup", "blind_kd-mixup", "recommended-views0", "blind_kd-views0",
         "recommended-ratio"]
     assert {r.name: r.kind for r in fashion.rows if r.kind != "method"} == {
         "teacher": "teacher", "supervised": "reference", "kd-original": "reference", "oracle": "oracle"}
@@ -92,8 +92,8 @@ def test_specs_expand_into_the_protocol_runs():
     sweep = plan_runs(fashion, groups(fashion, sweep=True), ["kd3"], [0])
     assert [resolved_config(r).pool.irrelevant_fraction for r in sweep] == [0.0, 0.25, 0.5, 0.7, 0.9]
     hard = plan_runs(fashion, groups(fashion, hard=True))
-    assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "kd3-relevance", "dfnd-relevance", "recommended",
-                                     "recommended-per-class", "oracle", "recommended-ratio"}
+    assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "kd3-relevance", "dfnd-relevance", "recommended-fixed30",
+                                     "recommended", "recommended-per-class", "oracle", "recommended-ratio"}
     assert all(resolved_config(r).pool.variant == "hard" for r in hard)
     # The sweep point at the default fraction computes exactly what the main table does.
     main_kd3 = next(r for r in main if r.row == "kd3" and r.seed == 0)

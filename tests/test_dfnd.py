@@ -70,6 +70,20 @@ def test_dfnd_diagonal_prefers_option_then_recorded_validation_accuracy():
     assert float(from_option.noise.diagonal) == pytest.approx(0.7)
 
 
+def test_dfnd_diagonal_from_the_kept_images_ignores_the_recorded_validation_accuracy():
+    ctx, _ = intensity_context(40)
+    ctx.teacher_accuracy = 0.83
+    method = DFND(BNNet(), ctx, DFNDOptions(keep=12, accuracy_from="kept"))
+    kept = method.begin_epoch(0).indices
+    with torch.no_grad():
+        probs = F.softmax(ctx.teacher(ctx.normalize(ctx.images[kept])), dim=1)
+    confidence = float(probs.max(dim=1).values.mean())
+    assert confidence != pytest.approx(0.83, abs=1e-3)
+    assert float(method.noise.diagonal) == pytest.approx(confidence, abs=1e-6)
+    with pytest.raises(ValueError, match="accuracy_from='val'"):
+        DFND(BNNet(), ctx, DFNDOptions(keep=12, accuracy_from="val"))
+
+
 def test_noise_matrix_rows_are_distributions_and_diagonal_survives_optimizer_steps():
     noise = NoiseAdaptation(4, diagonal=0.7)
     optimizer = torch.optim.SGD(noise.parameters(), lr=5.0, momentum=0.9, weight_decay=5e-4)

@@ -192,12 +192,14 @@ def test_gap_configs_keep_the_fashion_wild_budget_and_specs_load():
     assert recipe.model == "cnn_small_bn" and recipe.output == "{cache}/teachers/fashion-cnn_small_bn.pt"
     gap = load_spec("fashion-wild-gap")
     assert [r.name for r in gap.rows] == ["teacher", "oracle", "blind_kd", "kd3", "kd3-no-sharing", "dfnd-relevance",
-                                          "recommended"]
+                                          "recommended-fixed30", "recommended"]
     # The recommended recipe runs here and on digits-wild exactly as chosen on fashion-wild's LeNet pair.
     chosen = load_config(DistillConfig, "configs/fashion-wild/recommended.yaml").method
     assert chosen["score"] == "bn_grid_maha"
+    earlier = load_config(DistillConfig, "configs/fashion-wild/recommended-fixed30.yaml").method
     for pool in ("fashion-wild-gap", "digits-wild"):
         assert load_config(DistillConfig, f"configs/{pool}/recommended.yaml").method == chosen
+        assert load_config(DistillConfig, f"configs/{pool}/recommended-fixed30.yaml").method == earlier
     assert gap.seeds == [0, 1, 2, 3, 4] and gap.row("kd3-no-sharing").overrides == ["method.classifier_sharing=false"]
     lenet_spec = load_spec("fashion-wild")
     assert lenet_spec.row("kd3-pooled").overrides == ["method.sharing=pooled"]
