@@ -33,7 +33,7 @@ def main(row: str, base: str, oracle: str | None = None) -> None:
     mean, se, n = paired(a, b)
     text = (f"{row}: {statistics.mean(a.values()):.2f} vs {base}: {statistics.mean(b.values()):.2f}; "
             f"paired Δ {mean:+.2f} ± {se:.2f} over {n} seeds")
-    if oracle:
+    if oracle and set(accuracies(oracle)) & set(b):
         gap, gap_se, _ = paired(accuracies(oracle), b)
         text += f"; oracle gap {gap:+.2f} ± {gap_se:.2f}, share of it {100 * mean / gap:.0f} %"
     print(text)
