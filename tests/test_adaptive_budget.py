@@ -104,6 +104,19 @@ def test_dfnd_relative_density_budget_keeps_the_estimated_share_ranked_by_the_sc
     assert restored.estimated_share == share and restored.keep_count() == count
 
 
+def test_dfnd_refuses_an_estimated_budget_smaller_than_one_batch():
+    torch.manual_seed(0)
+    ctx = make_context(BNNet().eval(), random_images(60))
+    outputs = teacher_outputs(ctx.teacher, ctx.images, ctx.normalize)
+    count = max(1, round(relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).share * 60))
+    ctx.batch_size = count + 1
+    method = DFND(BNNet(), ctx, DFNDOptions(score="bn_grid_maha", budget="relative_density"))
+    with pytest.raises(ValueError, match=rf"keeps {count} of 60 pool images .*fewer than one batch \(train.batch_size={count + 1}\)"):
+        method.begin_epoch(0)
+    ctx.batch_size = count
+    assert len(DFND(BNNet(), ctx, DFNDOptions(score="bn_grid_maha", budget="relative_density")).begin_epoch(0).indices) == count
+
+
 def test_dfnd_rejects_an_unknown_budget():
     ctx = make_context(BNNet().eval(), random_images(10))
     with pytest.raises(ValueError, match="budget"):

@@ -193,6 +193,14 @@ class DFND(Method):
             self.kept = percentile_select_count(-scores, labels, self.ctx.num_classes, self.keep_count()).indices
         else:
             self.kept = torch.sort(scores, stable=True).indices[: self.keep_count()].sort().values
+        if self.estimated_share is not None and len(self.kept) < self.ctx.batch_size:
+            # The budget is the pool's, so preflight could not refuse it; a run on less than one batch would
+            # train on almost nothing and blame its at-chance student on the learning rate.
+            raise ValueError(
+                f"DFND budget=relative_density keeps {len(self.kept)} of {self.ctx.pool_size} pool images (estimated "
+                f"relevant share {self.estimated_share:.3f}), fewer than one batch (train.batch_size="
+                f"{self.ctx.batch_size}); use a bigger pool, a smaller train.batch_size, or method.budget=fixed with "
+                "method.keep_fraction")
         self.kept_scores = scores[self.kept]
         self.kept_labels = labels[self.kept]
         if self.options.teacher_accuracy is not None:
