@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).parent
-ROWS = [("recommended-fixed30", "old recipe (fixed 30 %)"), ("recommended-ratio", "ratio budget"),
-        ("recommended-ratio-kept", "**ratio budget, Q from the kept images: the new recipe**"),
+ROWS = [("recommended-fixed30", "old recipe (fixed 30 %)"), ("recommended-ratio", "**ratio budget: the new recipe**"),
+        ("recommended-ratio-kept", "ratio budget, Q from the kept images"),
         ("recommended-ratio-per-class", "ratio budget, per class"), ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
         ("recommended-ratio-no-noise", "ratio budget, no noise term"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
