@@ -4,10 +4,12 @@ finished (last-epoch accuracy), the share of the oracle − blind KD gap (same t
 oracle gains more than a point, and wall time relative to blind KD's where both ran in the same bench invocation.
 
     .venv/bin/python results/issue22/summary.py > results/issue22/summary.md
+    .venv/bin/python results/issue22/summary.py --readme   # the README's results table, from the same records
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,5 +69,43 @@ def main() -> None:
             print(text)
 
 
+README_POOLS = [("fashion-wild (70 %), LeNet-5-BN → LeNet-5-half-BN", "fashion-wild/sweep/0.7", "fashion-wild/runs"),
+                ("fashion-wild hard variant (70 %), same pair", "fashion-wild/hard", None),
+                ("fashion-wild (90 %), same pair", "fashion-wild/sweep/0.9", None),
+                ("fashion-wild (25 %), same pair", "fashion-wild/sweep/0.25", None),
+                ("fashion-wild (0 %: a clean pool), same pair", "fashion-wild/sweep/0", None),
+                ("fashion-wild (70 %), GAP + linear pair cnn_small_bn → cnn_small_half_bn", "fashion-wild-gap/runs", None),
+                ("digits-wild (70 %), MNIST-5k LeNet-5-BN → LeNet-5-half-BN", "digits-wild/runs", None)]
+
+
+def readme_rows() -> None:
+    """blind KD, the recipe, its Δ, the old recipe's Δ and the oracle per pool, each linked to summary.md."""
+    link = "results/issue22/summary.md"
+
+    def cell(text: str, bold: bool = False) -> str:
+        return f"[{'**' + text + '**' if bold else text}]({link})" if text != "–" else "–"
+
+    print("| pool (share irrelevant), networks | blind KD | recommended | Δ recommended | Δ previous recipe (fixed 30 %) | oracle |")
+    print("|---|---|---|---|---|---|")
+    for label, group, fallback in README_POOLS:
+        def records(row: str) -> dict[int, dict]:
+            return accuracies(ROOT / group / row) or (accuracies(ROOT / fallback / row) if fallback else {})
+        base, new, old, oracle = (records(r) for r in ("blind_kd", "recommended-ratio", "recommended-fixed30", "oracle"))
+
+        def mean_std(rows: dict[int, dict]) -> str:
+            acc = np.array([100 * r["test_acc"] for r in rows.values()])
+            return f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}" if len(acc) == 5 else "–"
+
+        def delta(rows: dict[int, dict]) -> tuple[str, float]:
+            d, seeds = paired(rows, base)
+            return (f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}".replace("-", "−"), d.mean()) if len(seeds) == 5 else ("–", 0.0)
+
+        new_delta, gain = delta(new)
+        old_delta, _ = delta(old)
+        wins = gain > 0
+        print(f"| {label} | {cell(mean_std(base), not wins)} | {cell(mean_std(new), wins)} | {cell(new_delta, wins)} | "
+              f"{cell(old_delta)} | {cell(mean_std(oracle))} |")
+
+
 if __name__ == "__main__":
-    main()
+    readme_rows() if sys.argv[1:] == ["--readme"] else main()
