@@ -50,7 +50,9 @@ def line(label: str, name: str, row: dict, base: dict, oracle: dict) -> str | No
 
 def main() -> None:
     groups = [(f"fashion-wild {g.name}", g) for g in sorted((ROOT / "fashion-wild" / "sweep").iterdir(), key=lambda p: float(p.name))]
-    groups += [("fashion-wild hard (0.7)", ROOT / "fashion-wild" / "hard"), ("digits-wild (0.7)", ROOT / "digits-wild" / "runs")]
+    groups += [("fashion-wild hard (0.7)", ROOT / "fashion-wild" / "hard"),
+               ("fashion-wild (0.7), GAP pair", ROOT / "fashion-wild-gap" / "runs"),
+               ("digits-wild (0.7)", ROOT / "digits-wild" / "runs")]
     print("| pool | row | seeds | acc % (mean ± std) | Δ vs blind KD ± SE | share of the oracle gap | wall / blind KD |")
     print("|---|---|---|---|---|---|---|")
     for label, folder in groups:
