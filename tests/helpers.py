@@ -1,7 +1,10 @@
 """Tiny networks and data for fast engine tests (no dataset, no zoo)."""
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,3 +48,13 @@ def context(teacher: Net | None, images: torch.Tensor, labels: torch.Tensor | No
     """The engine tests' context: ``make_context`` with their normalisation and no flips."""
     return make_context(teacher, images, labels, batch_size=batch_size, normalize=Normalizer((0.2,), (0.3,)),
                         flip=False, epochs=epochs, cache_dir=cache_dir)
+
+
+def traced_peak(call: Callable[[], Any]) -> tuple[Any, int]:
+    """``call()``'s result and the peak of Python-allocated memory (tracemalloc, bytes) while it ran."""
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

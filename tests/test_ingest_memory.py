@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import traced_peak
 from kd3.data import ingest as ingest_module
 from kd3.data.ingest import SIDECAR_FILE, ingest
 from kd3.data.storage import ImageWriter
@@ -142,12 +143,7 @@ def test_ingest_memory_stays_flat_while_the_old_list_of_records_would_not(tmp_pa
     tracemalloc.stop()
     del held
 
-    tracemalloc.start()
-    try:
-        pool, report = ingest(pattern, 4, 1, out=tmp_path / "pool", workers=1)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (pool, report), peak = traced_peak(lambda: ingest(pattern, 4, 1, out=tmp_path / "pool", workers=1))
     assert report.loaded == len(pool) == SAMPLES
     lines = (tmp_path / "pool" / SIDECAR_FILE).read_bytes().splitlines()
     assert len(lines) == SAMPLES and json.loads(lines[-1])["json"]["key"] == f"{SAMPLES - 1:09d}"

@@ -9,7 +9,6 @@ import errno
 import io
 import os
 import tarfile
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import traced_peak
 from kd3.data import ingest as ingest_module
 from kd3.data.ingest import IMAGE_EXTENSIONS, ingest
 from kd3.data.pool import Pool
@@ -99,12 +99,7 @@ def test_ingest_never_holds_every_path_at_once(tmp_path, monkeypatch):
     whole = np.array([f"{root / '00000.tar'}:{0:09d}.png"] * count).nbytes
     assert whole > 4e6, whole
 
-    tracemalloc.start()
-    try:
-        pool, _ = ingest(pattern, 4, 1, out=tmp_path / "pool", workers=1)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (pool, _), peak = traced_peak(lambda: ingest(pattern, 4, 1, out=tmp_path / "pool", workers=1))
     assert pool.paths[count - 1] == f"{root / f'{count // per_shard - 1:05d}.tar'}:{count - 1:09d}.png"
     assert peak < whole / 2, (peak, whole)
 

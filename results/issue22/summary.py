@@ -17,7 +17,8 @@ import numpy as np
 ROOT = Path(__file__).parent
 ROWS = [("recommended-fixed30", "old recipe (fixed 30 %)"), ("recommended-ratio", "**ratio budget: the new recipe**"),
         ("recommended-ratio-kept", "ratio budget, Q from the kept images"),
-        ("recommended-ratio-per-class", "ratio budget, per class"), ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
+        ("recommended-ratio-per-class", "ratio budget, per class"),
+        ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
         ("recommended-ratio-no-noise", "ratio budget, no noise term"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep60", "digits-wild/runs", "fixed 60 % (probe)"),
@@ -26,6 +27,13 @@ PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fas
 
 def accuracies(folder: Path) -> dict[int, dict]:
     return {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("seed*.json")}
+
+
+def records(folder: Path, row: str) -> dict[int, dict]:
+    """A row's records in one group; the 0.7 sweep point is the main table's pool, whose rows ran either way
+    (sweep/0.7 or runs/)."""
+    found = accuracies(folder / row)
+    return found or (accuracies(ROOT / "fashion-wild" / "runs" / row) if folder == ROOT / "fashion-wild" / "sweep" / "0.7" else {})
 
 
 def paired(row: dict[int, dict], base: dict[int, dict]) -> tuple[np.ndarray, list[int]]:
@@ -56,13 +64,9 @@ def main() -> None:
     print("| pool | row | seeds | acc % (mean ± std) | Δ vs blind KD ± SE | share of the oracle gap | wall / blind KD |")
     print("|---|---|---|---|---|---|---|")
     for label, folder in groups:
-        def records(row: str) -> dict[int, dict]:
-            # The 0.7 sweep point is the main table's pool: its rows run either way (sweep/0.7 or runs/).
-            found = accuracies(folder / row)
-            return found or (accuracies(ROOT / "fashion-wild" / "runs" / row) if folder.name == "0.7" else {})
-        base, oracle = records("blind_kd"), records("oracle")
+        base, oracle = records(folder, "blind_kd"), records(folder, "oracle")
         for row, name in ROWS:
-            text = line(label, name, records(row), base, oracle)
+            text = line(label, name, records(folder, row), base, oracle)
             if text:
                 print(text)
     for label, row, group, name in PROBES:
@@ -71,13 +75,13 @@ def main() -> None:
             print(text)
 
 
-README_POOLS = [("fashion-wild (70 %), LeNet-5-BN → LeNet-5-half-BN", "fashion-wild/sweep/0.7", "fashion-wild/runs"),
-                ("fashion-wild hard variant (70 %), same pair", "fashion-wild/hard", None),
-                ("fashion-wild (90 %), same pair", "fashion-wild/sweep/0.9", None),
-                ("fashion-wild (25 %), same pair", "fashion-wild/sweep/0.25", None),
-                ("fashion-wild (0 %: a clean pool), same pair", "fashion-wild/sweep/0", None),
-                ("fashion-wild (70 %), GAP + linear pair cnn_small_bn → cnn_small_half_bn", "fashion-wild-gap/runs", None),
-                ("digits-wild (70 %), MNIST-5k LeNet-5-BN → LeNet-5-half-BN", "digits-wild/runs", None)]
+README_POOLS = [("fashion-wild (70 %), LeNet-5-BN → LeNet-5-half-BN", "fashion-wild/sweep/0.7"),
+                ("fashion-wild hard variant (70 %), same pair", "fashion-wild/hard"),
+                ("fashion-wild (90 %), same pair", "fashion-wild/sweep/0.9"),
+                ("fashion-wild (25 %), same pair", "fashion-wild/sweep/0.25"),
+                ("fashion-wild (0 %: a clean pool), same pair", "fashion-wild/sweep/0"),
+                ("fashion-wild (70 %), GAP + linear pair cnn_small_bn → cnn_small_half_bn", "fashion-wild-gap/runs"),
+                ("digits-wild (70 %), MNIST-5k LeNet-5-BN → LeNet-5-half-BN", "digits-wild/runs")]
 
 
 def readme_rows() -> None:
@@ -89,10 +93,8 @@ def readme_rows() -> None:
 
     print("| pool (share irrelevant), networks | blind KD | recommended | Δ recommended | Δ previous recipe (fixed 30 %) | oracle |")
     print("|---|---|---|---|---|---|")
-    for label, group, fallback in README_POOLS:
-        def records(row: str) -> dict[int, dict]:
-            return accuracies(ROOT / group / row) or (accuracies(ROOT / fallback / row) if fallback else {})
-        base, new, old, oracle = (records(r) for r in ("blind_kd", "recommended-ratio", "recommended-fixed30", "oracle"))
+    for label, group in README_POOLS:
+        base, new, old, oracle = (records(ROOT / group, r) for r in ("blind_kd", "recommended-ratio", "recommended-fixed30", "oracle"))
 
         def mean_std(rows: dict[int, dict]) -> str:
             acc = np.array([100 * r["test_acc"] for r in rows.values()])
@@ -100,7 +102,9 @@ def readme_rows() -> None:
 
         def delta(rows: dict[int, dict]) -> tuple[str, float]:
             d, seeds = paired(rows, base)
-            return (f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}".replace("-", "−"), d.mean()) if len(seeds) == 5 else ("–", 0.0)
+            if len(seeds) != 5:
+                return "–", 0.0
+            return f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}".replace("-", "−"), d.mean()
 
         new_delta, gain = delta(new)
         old_delta, _ = delta(old)
