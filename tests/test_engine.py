@@ -11,7 +11,7 @@ from kd3.data.augment import CropFlip, FixedViews, Normalizer
 from kd3.engine import checkpoint
 from kd3.engine.evaluate import evaluate
 from kd3.engine.selection_metrics import selection_metrics
-from kd3.engine.trainer import Trainer, lr_factor
+from kd3.engine.trainer import Trainer, lr_factor, warmup_factor
 from kd3.methods.blind_kd import BlindKD, BlindKDOptions
 from kd3.methods.losses import kd_loss
 
@@ -61,6 +61,29 @@ def test_lr_schedules_by_hand():
     assert [lr_factor(e, step) for e in range(8)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
     cosine = TrainConfig(epochs=4, schedule="cosine")
     assert [lr_factor(e, cosine) for e in range(4)] == pytest.approx([1, 0.8535534, 0.5, 0.1464466])
+
+
+def test_warmup_ramps_linearly_by_hand():
+    cfg = TrainConfig(epochs=4, warmup_epochs=1.5)
+    # 4 steps per epoch: the ramp's 6 steps reach lr at step 6, then the schedule alone.
+    ramp = [warmup_factor(e, s, 4, cfg) for e in range(3) for s in range(4)]
+    assert ramp == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1, 1, 1, 1, 1, 1, 1])
+    assert warmup_factor(0, 0, 4, TrainConfig(warmup_epochs=0)) == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy below
+def test_trainer_steps_with_warmed_up_learning_rates(tmp_path, monkeypatch):
+    """The optimizer sees base lr × schedule × ramp at every step, and the schedule alone after the ramp."""
+    images, labels = blobs(64)
+    teacher = _trained_teacher(images, labels, steps=5)
+    trainer = _blind_trainer(teacher, images, tmp_path, epochs=3)
+    trainer.cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, schedule="step", milestones=[0.5], warmup_epochs=1.5)
+    used = []
+    step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: (used.append(trainer.optimizer.param_groups[0]["lr"]), step()))
+    trainer.fit()
+    ramp = [0.05 * k / 6 for k in range(1, 7)]  # 4 steps per epoch (64 images, batches of 16)
+    assert used == pytest.approx(ramp + [0.05] * 2 + [0.005] * 4)
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

@@ -179,6 +179,9 @@ class TrainConfig:
     schedule: str = "step"  # "step" (×gamma at the milestones) or "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875])  # fractions of epochs
     gamma: float = 0.1
+    # Linear learning-rate warmup over the first N epochs (may be fractional), stepped every optimizer step from
+    # ~0 to the schedule's value; 0 = none. Keeps a high base lr from throwing a run off in its first steps.
+    warmup_epochs: float = 0.0
     amp: bool = False  # bf16 torch.autocast
     channels_last: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
@@ -274,6 +277,7 @@ RANGES: dict[type, dict[str, Check]] = {
         "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _POSITIVE,
         "momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"), "weight_decay": ((lambda v: v >= 0), "≥ 0"),
         "schedule": _one_of("step", "cosine"), "milestones": _FRACTION, "gamma": _POSITIVE,
+        "warmup_epochs": ((lambda v: v >= 0), "≥ 0"),
         "threads": _at_least(0), "eval_every": _at_least(1), "epoch_steps": _at_least(0), "logger": _one_of(*LOGGERS),
     },
     AugmentConfig: {"padding": _at_least(0)},

@@ -68,6 +68,15 @@ def lr_factor(epoch: int, cfg: TrainConfig) -> float:
     raise ValueError(f"train.schedule={cfg.schedule!r}; valid: step, cosine")
 
 
+def warmup_factor(epoch: int, step: int, steps: int, cfg: TrainConfig) -> float:
+    """Multiplier of the scheduled learning rate at optimizer step ``step`` (0-based) of ``steps`` in ``epoch``:
+    a linear ramp over the first ``cfg.warmup_epochs`` epochs, reaching 1 at the ramp's last step. Counted in
+    epochs, not steps, so it needs no global step counter and a resumed run ramps exactly as it would have."""
+    if cfg.warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch + (step + 1) / max(steps, 1)) / cfg.warmup_epochs)
+
+
 def _check_same_plan(indices: torch.Tensor | None) -> None:
     """Under torchrun every rank must train on the same selected set (the scoring passes are
     gathered so that it is); a mismatch would silently train ranks on different data, so stop."""
@@ -267,6 +276,10 @@ class Trainer:
             # non-finite loss on any rank and all of them stop at the same step.
             if not torch.isfinite(distributed.average_gradients(self.params, extra=loss)):
                 raise self._diverged(epoch, steps + 1, faults.non_finite_term(losses))
+            if epoch < self.cfg.warmup_epochs:
+                warm = warmup_factor(epoch, steps, total_steps, self.cfg)
+                for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                    group["lr"] = base * lr_factor(epoch, self.cfg) * warm
             self.optimizer.step()
             if not faults.all_finite(self.params):  # finite gradients can still overflow a weight
                 raise self._diverged(epoch, steps + 1, "the weights are not finite after the optimizer step")
