@@ -1,10 +1,15 @@
-"""Issue 22. Offline: the ratio's share re-estimated by refitting the class-conditional fit on the ratio's own top half of its estimate, 6 rounds (the trajectory per pool).
+"""Issue 22. Offline: the ratio's share re-estimated by refitting the class-conditional fit on the ratio's own top
+half of its estimate, 6 rounds (the trajectory per pool).
 
     cd results/issue22 && ../../.venv/bin/python refit_share.py
 """
-import sys, numpy as np, torch
+import sys
+
+import torch
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from share_estimates import POOLS
+
 from kd3.data.augment import Normalizer
 from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
@@ -12,6 +17,7 @@ from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
 from kd3.scores.share import gaussian_log_density
 from kd3.teacher import load_teacher
+
 torch.set_num_threads(1)
 
 def llr_from_seed(feat, pred, chosen, shrink=fitted.SHRINK):
@@ -38,12 +44,14 @@ for label, builder, variant, size, fraction, teacher in POOLS:
     traj = [s0]
     # iterate: seed = top (frac * share) by llr
     for frac in (0.5,):
-        s = s0; l = llr
-        for it in range(6):
+        s, ratio = s0, llr
+        for _ in range(6):
             n = max(2 * feat.shape[1], int(frac * s * len(feat)))
-            chosen2 = torch.sort(-l, stable=True).indices[:n]
-            l = llr_from_seed(feat, pred, chosen2)
-            s = float((l > 0).double().mean())
+            chosen2 = torch.sort(-ratio, stable=True).indices[:n]
+            ratio = llr_from_seed(feat, pred, chosen2)
+            s = float((ratio > 0).double().mean())
             traj.append(round(s, 3))
     seedprec = rel[chosen.numpy()].mean()
-    print(f"{label:38s} true {rel.mean():.2f} est {s0:.3f} seedprec {seedprec:.2f} iter {traj[1:]} auroc_llr_last {auroc(l.numpy(), rel) if rel.mean()<1 else float('nan'):.3f}", flush=True)
+    last_auroc = auroc(ratio.numpy(), rel) if rel.mean() < 1 else float("nan")
+    print(f"{label:38s} true {rel.mean():.2f} est {s0:.3f} seedprec {seedprec:.2f} iter {traj[1:]} "
+          f"auroc_llr_last {last_auroc:.3f}", flush=True)

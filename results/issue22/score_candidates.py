@@ -14,6 +14,7 @@ measure) on fashion-wild's sweep, its hard variant and digits-wild. The default 
 from __future__ import annotations
 
 import torch
+from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
 
 from kd3.data.augment import Normalizer
 from kd3.data.pools import load_or_build_pool
@@ -21,8 +22,6 @@ from kd3.diagnose.metrics import auroc
 from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
 from kd3.teacher import load_teacher
-
-from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
 
 FIRST_LAYER_DIM = 24  # lenet5_bn: 6 channels × 2×2 grid cells before the second BatchNorm's 16 × 4
 

@@ -7,6 +7,7 @@ the true relevant share (provenance, used only to measure).
 from __future__ import annotations
 
 import torch
+from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
 
 from kd3.data.augment import Normalizer
 from kd3.data.pools import load_or_build_pool
@@ -14,8 +15,6 @@ from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
 from kd3.scores.share import relative_density
 from kd3.teacher import load_teacher
-
-from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
 
 SETTINGS = [(keep, shrink) for keep in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4) for shrink in (0.1, 0.5)]
 

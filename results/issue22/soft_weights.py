@@ -1,16 +1,22 @@
-"""Issue 22. Offline: sampling weights from the density ratio (posterior share*exp(llr) and sigmoid(llr), floors 0/0.05/0.2): the sampled stream's precision against provenance and its effective sample size (share of the pool).
+"""Issue 22. Offline: sampling weights from the density ratio (posterior share*exp(llr) and sigmoid(llr), floors
+0/0.05/0.2): the sampled stream's precision against provenance and its effective sample size (share of the pool).
 
     cd results/issue22 && ../../.venv/bin/python soft_weights.py
 """
-import sys, numpy as np, torch
+import sys
+
+import torch
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from share_estimates import POOLS
+
 from kd3.data.augment import Normalizer
 from kd3.data.pools import load_or_build_pool
 from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
 from kd3.scores.share import relative_density
 from kd3.teacher import load_teacher
+
 torch.set_num_threads(1)
 for label, builder, variant, size, fraction, teacher in POOLS:
     pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
