@@ -19,7 +19,10 @@ ROWS = [("recommended-fixed30", "old recipe (fixed 30 %)"), ("recommended-ratio"
         ("recommended-ratio-kept", "ratio budget, Q from the kept images"),
         ("recommended-ratio-per-class", "ratio budget, per class"),
         ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
-        ("recommended-ratio-no-noise", "ratio budget, no noise term"), ("oracle", "oracle")]
+        ("recommended-ratio-no-noise", "ratio budget, no noise term"),
+        ("recommended-ratio-warm", "ratio budget, lr warmup (1 epoch)"),
+        ("recommended-ratio-pc-warm", "ratio budget, per class, lr warmup (1 epoch)"),
+        ("blind_kd-warm", "blind KD with lr warmup (1 epoch)"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep60", "digits-wild/runs", "fixed 60 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep100", "digits-wild/runs", "fixed 100 % (probe)")]
