@@ -84,6 +84,8 @@ def test_trainer_steps_with_warmed_up_learning_rates(tmp_path, monkeypatch):
     trainer.fit()
     ramp = [0.05 * k / 6 for k in range(1, 7)]  # 4 steps per epoch (64 images, batches of 16)
     assert used == pytest.approx(ramp + [0.05] * 2 + [0.005] * 4)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([used[0], used[4], used[8]])  # each epoch's first step
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

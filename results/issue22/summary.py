@@ -5,6 +5,7 @@ oracle gains more than a point, and wall time relative to blind KD's where both 
 
     .venv/bin/python results/issue22/summary.py > results/issue22/summary.md
     .venv/bin/python results/issue22/summary.py --readme   # the README's results table, from the same records
+    .venv/bin/python results/issue22/summary.py --plot     # results/issue22/sweep-recipe.png
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).parent
-ROWS = [("recommended-fixed30", "old recipe (fixed 30 %)"), ("recommended-ratio", "**ratio budget: the new recipe**"),
+RECIPE = "recommended-ratio-pc-warm"  # the preset's settings (configs/<pool>/recommended.yaml)
+ROWS = [("recommended-fixed30", "issue-11 recipe (fixed 30 %)"), ("recommended-ratio", "ratio budget (the recipe until the warmup rows)"),
         ("recommended-ratio-kept", "ratio budget, Q from the kept images"),
         ("recommended-ratio-per-class", "ratio budget, per class"),
         ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
         ("recommended-ratio-no-noise", "ratio budget, no noise term"),
         ("recommended-ratio-warm", "ratio budget, lr warmup (1 epoch)"),
-        ("recommended-ratio-pc-warm", "ratio budget, per class, lr warmup (1 epoch)"),
+        (RECIPE, "**ratio budget, per class, lr warmup (1 epoch): the recipe**"),
         ("blind_kd-warm", "blind KD with lr warmup (1 epoch)"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep60", "digits-wild/runs", "fixed 60 % (probe)"),
@@ -94,27 +96,61 @@ def readme_rows() -> None:
     def cell(text: str, bold: bool = False) -> str:
         return f"[{'**' + text + '**' if bold else text}]({link})" if text != "–" else "–"
 
-    print("| pool (share irrelevant), networks | blind KD | recommended | Δ recommended | Δ previous recipe (fixed 30 %) | oracle |")
-    print("|---|---|---|---|---|---|")
+    print("| pool (share irrelevant), networks | blind KD | recommended | Δ recommended | Δ recommended vs blind KD with "
+          "warmup | Δ earlier recipes: ratio budget / fixed 30 % | oracle |")
+    print("|---|---|---|---|---|---|---|")
     for label, group in README_POOLS:
-        base, new, old, oracle = (records(ROOT / group, r) for r in ("blind_kd", "recommended-ratio", "recommended-fixed30", "oracle"))
+        base, new, ratio, old, oracle, warm = (records(ROOT / group, r) for r in (
+            "blind_kd", RECIPE, "recommended-ratio", "recommended-fixed30", "oracle", "blind_kd-warm"))
 
         def mean_std(rows: dict[int, dict]) -> str:
             acc = np.array([100 * r["test_acc"] for r in rows.values()])
             return f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}" if len(acc) == 5 else "–"
 
-        def delta(rows: dict[int, dict]) -> tuple[str, float]:
-            d, seeds = paired(rows, base)
+        def delta(rows: dict[int, dict], against: dict[int, dict] = base) -> tuple[str, float]:
+            d, seeds = paired(rows, against)
             if len(seeds) != 5:
                 return "–", 0.0
             return f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}".replace("-", "−"), d.mean()
 
         new_delta, gain = delta(new)
-        old_delta, _ = delta(old)
         wins = gain > 0
+        earlier = f"{cell(delta(ratio)[0])} / {cell(delta(old)[0])}"
         print(f"| {label} | {cell(mean_std(base), not wins)} | {cell(mean_std(new), wins)} | {cell(new_delta, wins)} | "
-              f"{cell(old_delta)} | {cell(mean_std(oracle))} |")
+              f"{cell(delta(new, warm)[0])} | {earlier} | {cell(mean_std(oracle))} |")
+
+
+SWEEP_ROWS = [("blind_kd", "blind KD"), ("blind_kd-warm", "blind KD + warmup"),
+              ("recommended-fixed30", "issue-11 recipe (fixed 30 %)"), ("recommended-ratio", "ratio budget"),
+              (RECIPE, "recommended (ratio budget, per class, warmup)"), ("oracle", "oracle (provenance)")]
+
+
+def sweep_plot(path: Path = ROOT / "sweep-recipe.png") -> None:
+    """Accuracy against the pool's irrelevant share, mean ± SE over the 5 seeds, one line per row of SWEEP_ROWS."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    points = sorted((ROOT / "fashion-wild" / "sweep").iterdir(), key=lambda p: float(p.name))
+    for row, name in SWEEP_ROWS:
+        xs, means, ses = [], [], []
+        for folder in points:
+            acc = np.array([100 * r["test_acc"] for r in records(folder, row).values()])
+            if len(acc) == 5:
+                xs.append(100 * float(folder.name))
+                means.append(acc.mean())
+                ses.append(acc.std(ddof=1) / np.sqrt(len(acc)))
+        axes.errorbar(xs, means, yerr=ses, marker="o", capsize=3, label=name, linewidth=2.5 if row == RECIPE else 1.2)
+    axes.set_xlabel("irrelevant images in the pool (%)")
+    axes.set_ylabel("last-epoch test accuracy (%), mean ± SE, 5 seeds")
+    axes.set_title("fashion-wild sweep: LeNet-5-BN → LeNet-5-half-BN (teacher 70fc421545ea)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    readme_rows() if sys.argv[1:] == ["--readme"] else main()
+    {"--readme": readme_rows, "--plot": sweep_plot}.get(" ".join(sys.argv[1:]), main)()

@@ -280,6 +280,8 @@ class Trainer:
                 warm = warmup_factor(epoch, steps, total_steps, self.cfg)
                 for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                     group["lr"] = base * lr_factor(epoch, self.cfg) * warm
+                if steps == 0:  # the epoch's logged lr is the one its first step used
+                    record["lr"] = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             if not faults.all_finite(self.params):  # finite gradients can still overflow a weight
                 raise self._diverged(epoch, steps + 1, "the weights are not finite after the optimizer step")
