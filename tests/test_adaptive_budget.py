@@ -3,6 +3,7 @@ fit of bn_grid_maha against one Gaussian on the whole pool) checked against torc
 features, its share on a pool whose answer is known, and DFND's ``budget: relative_density``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -102,6 +103,21 @@ def test_dfnd_relative_density_budget_keeps_the_estimated_share_ranked_by_the_sc
     restored = DFND(BNNet(), ctx, DFNDOptions(score="bn_grid_maha", budget="relative_density"))
     restored.load_method_state(method.method_state())
     assert restored.estimated_share == share and restored.keep_count() == count
+
+
+def test_dfnd_favoured_only_drops_the_kept_images_the_ratio_does_not_favour():
+    torch.manual_seed(0)
+    ctx = make_context(BNNet().eval(), random_images(60))
+    ctx.batch_size = 4
+    options = DFNDOptions(score="bn_grid_maha", budget="relative_density", per_class=True)
+    budgeted = DFND(BNNet(), ctx, options).begin_epoch(0).indices
+    kept = DFND(BNNet(), ctx, dataclasses.replace(options, favoured_only=True)).begin_epoch(0).indices
+    outputs = teacher_outputs(ctx.teacher, ctx.images, ctx.normalize)
+    llr = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).llr
+    assert kept.tolist() == [i for i in budgeted.tolist() if llr[i] > 0]
+    assert 0 < len(kept) < len(budgeted)  # this pool has kept images on either side, so the test can fail
+    with pytest.raises(ValueError, match="favoured_only=true needs budget=relative_density"):
+        DFND(BNNet(), ctx, DFNDOptions(favoured_only=True))
 
 
 def test_dfnd_refuses_an_estimated_budget_smaller_than_one_batch():
