@@ -116,8 +116,11 @@ def test_dfnd_favoured_only_drops_the_kept_images_the_ratio_does_not_favour():
     llr = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs)).llr
     assert kept.tolist() == [i for i in budgeted.tolist() if llr[i] > 0]
     assert 0 < len(kept) < len(budgeted)  # this pool has kept images on either side, so the test can fail
-    with pytest.raises(ValueError, match="favoured_only=true needs budget=relative_density"):
-        DFND(BNNet(), ctx, DFNDOptions(favoured_only=True))
+    # With a fixed budget it cuts that budget's images the same way.
+    fixed = DFNDOptions(score="bn_grid_maha", keep_fraction=0.5)
+    budgeted = DFND(BNNet(), ctx, fixed).begin_epoch(0).indices
+    kept = DFND(BNNet(), ctx, dataclasses.replace(fixed, favoured_only=True)).begin_epoch(0).indices
+    assert len(budgeted) == 30 and kept.tolist() == [i for i in budgeted.tolist() if llr[i] > 0]
 
 
 def test_dfnd_refuses_an_estimated_budget_smaller_than_one_batch():

@@ -74,7 +74,7 @@ def test_recommended_preset_is_the_recipe_for_your_own_teacher_and_pool():
     cfg = load_config(DistillConfig, "recommended")
     recipe = load_config(DistillConfig, "fashion-wild/recommended")
     assert cfg.method == recipe.method == {"name": "dfnd", "budget": "relative_density", "per_class": True,
-                                           "score": "bn_grid_maha", "temperature": 4.0, "noise_weight": 1.0,
+                                           "favoured_only": True, "score": "bn_grid_maha", "temperature": 4.0, "noise_weight": 1.0,
                                            "teacher_views": 8}
     assert cfg.train.warmup_epochs == recipe.train.warmup_epochs == 1
     assert (cfg.pool.name, cfg.pool.path, cfg.eval_data, cfg.teacher.checkpoint, cfg.teacher.recipe) == ("file", "", "", "", "")

@@ -80,8 +80,8 @@ def shipped(tmp_path_factory):
         # A fixed wide budget on this 240-image toy crawl: the preset's budget read off the pool fits its seed on
         # the top max(5 %, 2 × 256 BN-grid features) images, here the whole pool, so it has nothing to compare;
         # and a student of one class cannot show whether the shipped input contract is right (30 %: 68/0/4 per class).
-        "method.budget=fixed", "method.keep_fraction=0.75", "student=resnet8", "train.epochs=3", "train.epoch_steps=10",
-        "train.batch_size=32",
+        "method.budget=fixed", "method.favoured_only=false", "method.keep_fraction=0.75", "student=resnet8",
+        "train.epochs=3", "train.epoch_steps=10", "train.batch_size=32",
         "progress=false", "output_dir=runs")
     (run_dir,) = (root / "runs").iterdir()
     kd3(root, "export", str(run_dir), "--format", "all")
@@ -140,7 +140,8 @@ def test_the_example_script_ships_an_onnx_student_whose_accuracy_kd3_eval_confir
                            "--classes", "classes.txt", "--images", "crawl", "--labelled", "labelled", "--size", str(SIZE),
                            "--out", "example", "--epochs", "3", "--steps", "10", "--batch-size", "32",
                            # as the walkthrough, for its reason
-                           "--set", "method.budget=fixed", "--set", "method.keep_fraction=0.75", "--set", "student=resnet8"],
+                           "--set", "method.budget=fixed", "--set", "method.favoured_only=false",
+                           "--set", "method.keep_fraction=0.75", "--set", "student=resnet8"],
                           cwd=root, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]

@@ -20,8 +20,8 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    class-conditional fit of ``bn_grid_maha`` against one Gaussian fitted on the whole pool, Ren et
    al.'s relative Mahalanobis); ``score`` still decides which N images are kept. ``keep`` and
    ``keep_fraction`` are then unused. The estimate is logged (``dfnd_estimated_share``). ``favoured_only``
-   then also drops the kept images whose own log ratio is ≤ 0 (what a per-class share fills its classes
-   with once their favoured images run out), so the kept set can end up smaller than N.
+   (any budget) also drops the kept images whose own log ratio is ≤ 0 (what a per-class share fills its
+   classes with once their favoured images run out), so the kept set can end up smaller than N.
 2. **Training** on the kept images with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
@@ -77,8 +77,8 @@ class DFNDOptions:
     keep_fraction: float = 0.3  # share of the pool kept when keep is not set
     budget: str = "fixed"  # fixed (keep / keep_fraction) | relative_density (the pool's estimated relevant share)
     per_class: bool = False  # each teacher-predicted class keeps its equal share of the budget (KD³'s percentile rule)
-    # budget=relative_density only: of the images the budget keeps, drop those whose density ratio does not favour
-    # "relevant" (log ratio ≤ 0), which a per-class share fills its classes with when their relevant images run out
+    # of the images the budget keeps, drop those whose density ratio (kd3.scores.share) does not favour "relevant"
+    # (log ratio ≤ 0), which a per-class share fills its classes with when their relevant images run out
     favoured_only: bool = False
     score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
@@ -165,8 +165,6 @@ class DFND(Method):
             raise ValueError(f"DFND keep_fraction must lie in (0, 1], got {options.keep_fraction}")
         if options.keep is not None and options.keep < 1:
             raise ValueError(f"DFND keep must be at least 1, got {options.keep}")
-        if options.favoured_only and options.budget != "relative_density":
-            raise ValueError("DFND favoured_only=true needs budget=relative_density (the density ratio it keeps by)")
         if options.accuracy_from not in ACCURACY_SOURCES:
             raise ValueError(f"DFND accuracy_from={options.accuracy_from!r}: use one of {', '.join(ACCURACY_SOURCES)}")
         if options.teacher_accuracy is not None and not 0.0 < options.teacher_accuracy <= 1.0:
@@ -194,8 +192,9 @@ class DFND(Method):
                                   self.ctx.progress)
         scores, confidence, labels = ranking_of(outputs, self.options.score)
         estimate = None
-        if self.options.budget == "relative_density":
+        if self.options.budget == "relative_density" or self.options.favoured_only:
             estimate = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs))
+        if self.options.budget == "relative_density":
             self.estimated_share = estimate.share
         if self.options.per_class:
             # percentile_select_count keeps the highest scores; DFND's ranking is lower = kept first.
@@ -204,14 +203,14 @@ class DFND(Method):
             self.kept = torch.sort(scores, stable=True).indices[: self.keep_count()].sort().values
         if self.options.favoured_only and estimate is not None:
             self.kept = self.kept[estimate.llr[self.kept] > 0]
-        if self.estimated_share is not None and len(self.kept) < self.ctx.batch_size:
-            # The budget is the pool's, so preflight could not refuse it; a run on less than one batch would
+        if estimate is not None and len(self.kept) < self.ctx.batch_size:
+            # The kept count is the pool's, so preflight could not refuse it; a run on less than one batch would
             # train on almost nothing and blame its at-chance student on the learning rate.
             raise ValueError(
-                f"DFND budget=relative_density keeps {len(self.kept)} of {self.ctx.pool_size} pool images (estimated "
-                f"relevant share {self.estimated_share:.3f}), fewer than one batch (train.batch_size="
-                f"{self.ctx.batch_size}); use a bigger pool, a smaller train.batch_size, or method.budget=fixed with "
-                "method.keep_fraction")
+                f"DFND (budget={self.options.budget}, favoured_only={str(self.options.favoured_only).lower()}) keeps "
+                f"{len(self.kept)} of {self.ctx.pool_size} pool images (estimated relevant share {estimate.share:.3f}), "
+                f"fewer than one batch (train.batch_size={self.ctx.batch_size}); use a bigger pool, a smaller "
+                "train.batch_size, or method.budget=fixed method.favoured_only=false with method.keep_fraction")
         self.kept_scores = scores[self.kept]
         self.kept_labels = labels[self.kept]
         if self.options.teacher_accuracy is not None:
