@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).parent
-RECIPE = "recommended-ratio-pc-warm"  # the preset's settings (configs/<pool>/recommended.yaml)
+RECIPE = "recommended-ratio-pc-warm-fav"  # the preset's settings (configs/<pool>/recommended.yaml)
 ROWS = [("recommended-fixed30", "issue-11 recipe (fixed 30 %)"), ("recommended-ratio", "ratio budget (the recipe until the warmup rows)"),
         ("recommended-ratio-kept", "ratio budget, Q from the kept images"),
         ("recommended-ratio-per-class", "ratio budget, per class"),
         ("recommended-ratio-pc-kept", "ratio budget, per class, Q from the kept images"),
         ("recommended-ratio-no-noise", "ratio budget, no noise term"),
         ("recommended-ratio-warm", "ratio budget, lr warmup (1 epoch)"),
-        (RECIPE, "**ratio budget, per class, lr warmup (1 epoch): the recipe**"),
+        ("recommended-ratio-pc-warm", "ratio budget, per class, lr warmup (1 epoch)"),
+        (RECIPE, "**ratio budget, per class, favoured only, lr warmup (1 epoch): the recipe**"),
         ("blind_kd-warm", "blind KD with lr warmup (1 epoch)"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep60", "digits-wild/runs", "fixed 60 % (probe)"),
@@ -97,11 +98,12 @@ def readme_rows() -> None:
         return f"[{'**' + text + '**' if bold else text}]({link})" if text != "–" else "–"
 
     print("| pool (share irrelevant), networks | blind KD | recommended | Δ recommended | Δ recommended vs blind KD with "
-          "warmup | Δ earlier recipes: ratio budget / fixed 30 % | oracle |")
+          "warmup | Δ earlier recipes: fixed 30 % / ratio budget / ratio per class + warmup | oracle |")
     print("|---|---|---|---|---|---|---|")
     for label, group in README_POOLS:
-        base, new, ratio, old, oracle, warm = (records(ROOT / group, r) for r in (
-            "blind_kd", RECIPE, "recommended-ratio", "recommended-fixed30", "oracle", "blind_kd-warm"))
+        base, new, old, ratio, per_class, oracle, warm = (records(ROOT / group, r) for r in (
+            "blind_kd", RECIPE, "recommended-fixed30", "recommended-ratio", "recommended-ratio-pc-warm", "oracle",
+            "blind_kd-warm"))
 
         def mean_std(rows: dict[int, dict]) -> str:
             acc = np.array([100 * r["test_acc"] for r in rows.values()])
@@ -115,14 +117,15 @@ def readme_rows() -> None:
 
         new_delta, gain = delta(new)
         wins = gain > 0
-        earlier = f"{cell(delta(ratio)[0])} / {cell(delta(old)[0])}"
+        earlier = " / ".join(cell(delta(rows)[0]) for rows in (old, ratio, per_class))
         print(f"| {label} | {cell(mean_std(base), not wins)} | {cell(mean_std(new), wins)} | {cell(new_delta, wins)} | "
               f"{cell(delta(new, warm)[0])} | {earlier} | {cell(mean_std(oracle))} |")
 
 
 SWEEP_ROWS = [("blind_kd", "blind KD"), ("blind_kd-warm", "blind KD + warmup"),
               ("recommended-fixed30", "issue-11 recipe (fixed 30 %)"), ("recommended-ratio", "ratio budget"),
-              (RECIPE, "recommended (ratio budget, per class, warmup)"), ("oracle", "oracle (provenance)")]
+              ("recommended-ratio-pc-warm", "ratio budget, per class, warmup"),
+              (RECIPE, "recommended (ratio budget, per class, favoured only, warmup)"), ("oracle", "oracle (provenance)")]
 
 
 def sweep_plot(path: Path = ROOT / "sweep-recipe.png") -> None:
