@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from share_estimates import teacher_pass  # this folder (run as a script)
 
-from kd3.data.augment import Normalizer
-from kd3.data.pools import load_or_build_pool
 from kd3.methods.kd3.selection import percentile_select_count
-from kd3.paths import cache_dir
-from kd3.scores import cached_teacher_outputs, compute_score, fitted
+from kd3.scores import compute_score, fitted
 from kd3.scores.share import relative_density
-from kd3.teacher import load_teacher
 
 POOLS = [(f"fashion-wild, {f:.0%} irrelevant", "fashion-wild", "default", 20000, f, "fashion-lenet5_bn.pt")
          for f in (0.0, 0.25, 0.7, 0.9)] + [
@@ -32,10 +29,7 @@ def main() -> None:
     print("| pool | per class: kept | precision | recall | per class, favoured only: kept | precision | recall |")
     print("|---|---|---|---|---|---|---|")
     for label, builder, variant, size, fraction, teacher in POOLS:
-        pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-        net, info = load_teacher(cache_dir() / "teachers" / teacher)
-        outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
-        relevant = pool.relevant.astype(bool)
+        relevant, outputs, _ = teacher_pass(builder, variant, size, fraction, teacher)
         estimate = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs))
         budget = round(estimate.share * len(relevant))
         score, prediction = compute_score("bn_grid_maha", outputs), outputs.logits.argmax(dim=1)

@@ -10,15 +10,12 @@ import math
 from collections.abc import Callable
 
 import torch
+from share_estimates import teacher_pass  # this folder (run as a script)
 
-from kd3.data.augment import Normalizer
-from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
 from kd3.methods.kd3.selection import percentile_select_count
-from kd3.paths import cache_dir
-from kd3.scores import cached_teacher_outputs, compute_score, fitted
+from kd3.scores import compute_score, fitted
 from kd3.scores.share import relative_density
-from kd3.teacher import load_teacher
 
 POOLS = [(f"fashion-wild, {f:.0%} irrelevant", "fashion-wild", "default", 20000, f, "fashion-lenet5_bn.pt")
          for f in (0.25, 0.7, 0.9)] + [
@@ -42,10 +39,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     default = fitted.seed_indices
     for label, builder, variant, size, fraction, teacher in POOLS:
-        pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-        net, info = load_teacher(cache_dir() / "teachers" / teacher)
-        outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
-        relevant = pool.relevant.astype(bool)
+        relevant, outputs, _ = teacher_pass(builder, variant, size, fraction, teacher)
         seed, prediction = compute_score(fitted.SEED_SCORE, outputs), outputs.logits.argmax(dim=1)
         classes = outputs.logits.shape[1]
         budget = round(relative_density(outputs, seed).share * len(relevant))

@@ -7,14 +7,10 @@ the true relevant share (provenance, used only to measure).
 from __future__ import annotations
 
 import torch
-from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
+from share_estimates import POOLS, teacher_pass  # noqa: E402  (run from this folder's script path)
 
-from kd3.data.augment import Normalizer
-from kd3.data.pools import load_or_build_pool
-from kd3.paths import cache_dir
-from kd3.scores import cached_teacher_outputs, compute_score, fitted
+from kd3.scores import compute_score, fitted
 from kd3.scores.share import relative_density
-from kd3.teacher import load_teacher
 
 SETTINGS = [(keep, shrink) for keep in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4) for shrink in (0.1, 0.5)]
 
@@ -24,12 +20,10 @@ def main() -> None:
     print("| pool | true share | " + " | ".join(f"seed {k:.1%}, shrink {s}" for k, s in SETTINGS) + " |")
     print("|---" * (len(SETTINGS) + 2) + "|")
     for label, builder, variant, size, fraction, teacher in POOLS:
-        pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-        net, info = load_teacher(cache_dir() / "teachers" / teacher)
-        outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
+        relevant, outputs, _ = teacher_pass(builder, variant, size, fraction, teacher)
         seed = compute_score(fitted.SEED_SCORE, outputs)
         shares = [relative_density(outputs, seed, keep=k, shrink=s).share for k, s in SETTINGS]
-        print(f"| {label} | {pool.relevant.mean():.2f} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
+        print(f"| {label} | {relevant.mean():.2f} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
 
 
 if __name__ == "__main__":

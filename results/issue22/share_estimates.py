@@ -15,8 +15,9 @@ from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
 from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
+from kd3.scores.outputs import TeacherOutputs
 from kd3.scores.share import relative_density
-from kd3.teacher import load_teacher
+from kd3.teacher import TeacherInfo, load_teacher
 
 POOLS = [(f"fashion-wild, {f:.0%} irrelevant", "fashion-wild", "default", 20000, f, "fashion-lenet5_bn.pt")
          for f in (0.0, 0.25, 0.5, 0.7, 0.9)] + [
@@ -24,15 +25,22 @@ POOLS = [(f"fashion-wild, {f:.0%} irrelevant", "fashion-wild", "default", 20000,
     ("digits-wild, 70 % irrelevant", "digits-wild", "default", 10000, 0.7, "mnist5k-lenet5_bn.pt")]
 
 
+def teacher_pass(builder: str, variant: str, size: int, fraction: float,
+                 teacher: str) -> tuple[np.ndarray, TeacherOutputs, TeacherInfo]:
+    """One row of POOLS (seed-0 pool, cached teacher): which images are relevant (provenance, used only to
+    measure), the teacher's outputs on the pool, and the teacher's record."""
+    pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
+    net, info = load_teacher(cache_dir() / "teachers" / teacher)
+    outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
+    return pool.relevant.astype(bool), outputs, info
+
+
 def main() -> None:
     print("| pool | teacher | true relevant share | estimated share | precision of the kept share (by bn_grid_maha) | "
           "recall | AUROC bn_grid_maha | AUROC density ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for label, builder, variant, size, fraction, teacher in POOLS:
-        pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-        net, info = load_teacher(cache_dir() / "teachers" / teacher)
-        outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
-        relevant = pool.relevant.astype(bool)
+        relevant, outputs, info = teacher_pass(builder, variant, size, fraction, teacher)
         estimate = relative_density(outputs, compute_score(fitted.SEED_SCORE, outputs))
         score = compute_score("bn_grid_maha", outputs).double().numpy()
         count = max(1, round(estimate.share * len(score)))

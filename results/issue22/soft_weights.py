@@ -8,21 +8,15 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from share_estimates import POOLS
+from share_estimates import POOLS, teacher_pass
 
-from kd3.data.augment import Normalizer
-from kd3.data.pools import load_or_build_pool
-from kd3.paths import cache_dir
-from kd3.scores import cached_teacher_outputs, compute_score, fitted
+from kd3.scores import compute_score, fitted
 from kd3.scores.share import relative_density
-from kd3.teacher import load_teacher
 
 torch.set_num_threads(1)
 for label, builder, variant, size, fraction, teacher in POOLS:
-    pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-    net, info = load_teacher(cache_dir() / "teachers" / teacher)
-    out = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
-    rel = torch.from_numpy(pool.relevant.astype(bool))
+    relevant, out, _ = teacher_pass(builder, variant, size, fraction, teacher)
+    rel = torch.from_numpy(relevant)
     est = relative_density(out, compute_score(fitted.SEED_SCORE, out))
     s = est.share
     line = [f"{label:36s} est {s:.2f}"]
