@@ -15,6 +15,7 @@ from baseline_nets import BNNet, make_context, random_images
 from kd3.data.augment import Normalizer
 from kd3.data.pool import Pool
 from kd3.diagnose import diagnose
+from kd3.methods.base import Batch
 from kd3.methods.dfnd import DFND, DFNDOptions
 from kd3.models import create_model
 from kd3.scores import TeacherOutputs, cached_teacher_outputs, compute_score, fitted, teacher_outputs
@@ -121,6 +122,49 @@ def test_dfnd_favoured_only_drops_the_kept_images_the_ratio_does_not_favour():
     budgeted = DFND(BNNet(), ctx, fixed).begin_epoch(0).indices
     kept = DFND(BNNet(), ctx, dataclasses.replace(fixed, favoured_only=True)).begin_epoch(0).indices
     assert len(budgeted) == 30 and kept.tolist() == [i for i in budgeted.tolist() if llr[i] > 0]
+
+
+def test_dfnd_rest_share_adds_a_fresh_draw_of_the_dropped_images_each_epoch(tmp_path):
+    torch.manual_seed(0)
+    ctx = make_context(BNNet().eval(), random_images(60), cache_dir=tmp_path)
+    options = DFNDOptions(score="bn_grid_maha", keep_fraction=0.5, rest_share=0.2)
+    method = DFND(BNNet(), ctx, options)
+    first, second = method.begin_epoch(0).indices, method.begin_epoch(1).indices
+    kept = DFND(BNNet(), ctx, dataclasses.replace(options, rest_share=0.0)).begin_epoch(0).indices
+    assert method.kept.tolist() == kept.tolist() and len(kept) == 30
+    for plan in (first, second):
+        drawn = sorted(set(plan.tolist()) - set(kept.tolist()))
+        # 0.2 of the epoch's images: 0.2 / 0.8 · 30 = 7.5, rounded half to even to 8 (of 38), all from the dropped 30
+        assert set(kept.tolist()) <= set(plan.tolist()) and len(plan) == 38 and len(drawn) == 8
+        assert plan.tolist() == sorted(plan.tolist())
+    assert set(first.tolist()) != set(second.tolist())  # a fresh draw each epoch
+    assert method.epoch_metrics()["dfnd_rest_drawn"] == 8
+    # The same (seed, epoch) draws the same images: a resumed run and every rank agree.
+    resumed = DFND(BNNet(), ctx, options)
+    resumed.load_method_state(method.method_state())
+    assert resumed.begin_epoch(1).indices.tolist() == second.tolist()
+    # The draw trains like a kept image; without rest_share an image outside the selection is refused.
+    batch_indices = torch.tensor(sorted(set(second.tolist()) - set(kept.tolist()))[:4])
+    batch = Batch(indices=batch_indices, images=ctx.images[batch_indices])
+    assert torch.isfinite(resumed.training_step(batch)["kd"])
+    plain = DFND(BNNet(), ctx, dataclasses.replace(options, rest_share=0.0))
+    plain.begin_epoch(0)
+    with pytest.raises(ValueError, match="outside its fixed selection"):
+        plain.training_step(batch)
+
+
+def test_dfnd_rest_share_takes_every_dropped_image_when_there_are_too_few():
+    ctx = make_context(BNNet().eval(), random_images(20))
+    ctx.batch_size = 4
+    method = DFND(BNNet(), ctx, DFNDOptions(keep_fraction=0.9, rest_share=0.5))
+    assert len(method.begin_epoch(0).indices) == 20  # 18 kept, asks 18 more, only 2 dropped
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_dfnd_rejects_a_rest_share_outside_0_1(share):
+    ctx = make_context(BNNet().eval(), random_images(10))
+    with pytest.raises(ValueError, match=rf"rest_share must lie in \[0, 1\), got {share}"):
+        DFND(BNNet(), ctx, DFNDOptions(rest_share=share))
 
 
 def test_dfnd_refuses_an_estimated_budget_smaller_than_one_batch():

@@ -91,6 +91,10 @@ def test_specs_expand_into_the_protocol_runs():
     assert cfg.method["weighting"] == "uniform" and cfg.train.seed == 2 and cfg.train.threads == 1
     sweep = plan_runs(fashion, groups(fashion, sweep=True), ["kd3"], [0])
     assert [resolved_config(r).pool.irrelevant_fraction for r in sweep] == [0.0, 0.25, 0.5, 0.7, 0.9]
+    points = plan_runs(fashion, groups(fashion, sweep=True, points=[0.9, 0.0]), ["kd3"], [0])
+    assert [resolved_config(r).pool.irrelevant_fraction for r in points] == [0.0, 0.9]  # the spec's order
+    with pytest.raises(ConfigError, match=r"sweep point\(s\) 0.8 not among the spec's pool.irrelevant_fraction values"):
+        groups(fashion, sweep=True, points=[0.8])
     hard = plan_runs(fashion, groups(fashion, hard=True))
     assert {r.row for r in hard} == {"blind_kd", "dfnd", "kd3", "kd3-relevance", "dfnd-relevance", "recommended-fixed30",
                                      "recommended", "recommended-per-class", "oracle", "recommended-ratio"}

@@ -18,6 +18,13 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
 
 
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(value) for value in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sweep points must be comma-separated numbers, got {text!r}") from None
+
+
 def _jobs(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"--jobs must be a positive integer, got {text!r}")
@@ -43,6 +50,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=_jobs, default=1,
                    help="runs at once, each one process with one thread (at most the number of cores)")
     p.add_argument("--sweep", action="store_true", help="run the irrelevant-fraction sweep instead of the main table")
+    p.add_argument("--sweep-points", type=_fractions, metavar="F[,F...]",
+                   help="run only these points of the sweep, e.g. 0.9 (implies --sweep; the tables still cover every point)")
     p.add_argument("--hard", action="store_true", help="run the hard-style pool variant instead of the main table")
     p.add_argument("--tables-only", action="store_true", help="run nothing; rewrite the tables from cached runs")
     p.add_argument("--sizes", type=_seeds, help="scale: comma-separated pool sizes (default: 10000,100000,1000000)")
@@ -67,6 +76,8 @@ def command_line(args: argparse.Namespace) -> str:
     if args.jobs != 1:
         parts += ["--jobs", str(args.jobs)]
     parts += [f"--{flag}" for flag in ("sweep", "hard") if getattr(args, flag)]
+    if args.sweep_points:
+        parts += ["--sweep-points", ",".join(f"{value:g}" for value in args.sweep_points)]
     return shlex.join(parts)
 
 
@@ -84,7 +95,8 @@ def run(args: argparse.Namespace) -> None:
     spec = load_spec(args.name)
     failed: list[str] = []
     if not args.tables_only:
-        runs = plan_runs(spec, groups(spec, sweep=args.sweep, hard=args.hard), args.methods, args.seeds)
+        runs = plan_runs(spec, groups(spec, sweep=args.sweep or bool(args.sweep_points), hard=args.hard,
+                                         points=args.sweep_points), args.methods, args.seeds)
         stamp = runner.run_stamp(command_line(args), spec.results_dir)
         context = runner.prepare(spec, runs)
         # Each record names its teacher: runs cached with another teacher are run again, not tabled.

@@ -141,16 +141,21 @@ def _check(spec: BenchSpec) -> None:
                 raise ConfigError(f"bench {spec.name}: the teacher is not trained, so it has no pool variants")
 
 
-def groups(spec: BenchSpec, sweep: bool = False, hard: bool = False) -> list[Group]:
-    """The main table's group, or the sweep's and/or the hard variant's groups."""
+def groups(spec: BenchSpec, sweep: bool = False, hard: bool = False,
+           points: list[float] | None = None) -> list[Group]:
+    """The main table's group, or the sweep's (only its ``points``, when given) and/or the hard variant's groups."""
     if not (sweep or hard):
         return [Group(MAIN_GROUP, tuple(r.name for r in spec.rows if r.kind != "teacher"))]
     chosen = []
     if sweep:
         if spec.sweep is None:
             raise ConfigError(f"bench {spec.name} defines no sweep")
+        unknown = [value for value in points or () if value not in spec.sweep.values]
+        if unknown:
+            raise ConfigError(f"bench {spec.name}: sweep point(s) {', '.join(f'{v:g}' for v in unknown)} not among "
+                              f"the spec's {spec.sweep.key} values ({', '.join(f'{v:g}' for v in spec.sweep.values)})")
         chosen += [Group(sweep_group(value), tuple(spec.sweep.rows), (f"{spec.sweep.key}={value}",))
-                   for value in spec.sweep.values]
+                   for value in spec.sweep.values if points is None or value in points]
     if hard:
         if spec.hard is None:
             raise ConfigError(f"bench {spec.name} defines no hard variant")

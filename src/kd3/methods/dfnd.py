@@ -22,7 +22,12 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    ``keep_fraction`` are then unused. The estimate is logged (``dfnd_estimated_share``). ``favoured_only``
    (any budget) also drops the kept images whose own log ratio is ≤ 0 (what a per-class share fills its
    classes with once their favoured images run out), so the kept set can end up smaller than N.
-2. **Training** on the kept images with
+   ``rest_share`` (a kd3 addition, issue 22) puts a floor under the dropped images' weight: each epoch
+   trains on the kept images plus a fresh random draw of the dropped ones, sized so that the draw is
+   ``rest_share`` of the epoch's images (all of them when there are fewer), so a pool whose "junk" still
+   teaches the student is not cut off from it. The draw is a function of (seed, epoch), so a resumed run
+   and every rank draw the same images.
+2. **Training** on the kept images (and the epoch's draw) with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
    class i): every row is a distribution, the diagonal is fixed to the teacher's accuracy a and
@@ -45,7 +50,7 @@ Where kd3 departs from the released code, and why:
   trainable parameters of the method, stepped by the trainer's optimizer with the student.
 - Teacher outputs on the augmented training views come from ``TeacherLogits`` (K fixed views with
   cached logits, or a teacher forward per step with ``teacher_views: 0``), built over the kept
-  images only. The teacher label of the noise term is the argmax on the same view.
+  images only (over the whole pool with ``rest_share``, whose draws change every epoch). The teacher label of the noise term is the argmax on the same view.
 """
 from __future__ import annotations
 
@@ -80,6 +85,8 @@ class DFNDOptions:
     # of the images the budget keeps, drop those whose density ratio (kd3.scores.share) does not favour "relevant"
     # (log ratio ≤ 0), which a per-class share fills its classes with when their relevant images run out
     favoured_only: bool = False
+    # share of each epoch's images drawn afresh from those the selection drops (a floor under their weight; 0: none)
+    rest_share: float = 0.0
     score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
     noise_weight: float = 1.0  # weight of the noise-adaptation term (released code: 1)
@@ -163,6 +170,9 @@ class DFND(Method):
             raise ValueError(f"DFND budget={options.budget!r}: use one of {', '.join(BUDGETS)}")
         if options.keep is None and not 0.0 < options.keep_fraction <= 1.0:
             raise ValueError(f"DFND keep_fraction must lie in (0, 1], got {options.keep_fraction}")
+        if not 0.0 <= options.rest_share < 1.0:
+            raise ValueError(f"DFND rest_share must lie in [0, 1), got {options.rest_share}: the share of each "
+                             "epoch's images drawn from those the selection drops (0 trains on the kept ones only)")
         if options.keep is not None and options.keep < 1:
             raise ValueError(f"DFND keep must be at least 1, got {options.keep}")
         if options.accuracy_from not in ACCURACY_SOURCES:
@@ -176,6 +186,7 @@ class DFND(Method):
         self.estimated_share: float | None = None  # budget=relative_density: the pool's estimated relevant share
         self._teacher_logits: TeacherLogits | None = None
         self._position: torch.Tensor | None = None
+        self.rest_drawn = 0  # images of this epoch drawn from those the selection drops (rest_share)
 
     # -- selection -----------------------------------------------------------------------------
     def keep_count(self) -> int:
@@ -223,10 +234,26 @@ class DFND(Method):
 
     def _prepare_training_views(self) -> None:
         assert self.kept is not None
+        if self.options.rest_share > 0:
+            self._teacher_logits = TeacherLogits(self.ctx, self.options.teacher_views, self.mixing)
+            self._position = torch.arange(self.ctx.pool_size)
+            return
         sub_ctx = dataclasses.replace(self.ctx, images=take(self.ctx.images, self.kept))
         self._teacher_logits = TeacherLogits(sub_ctx, self.options.teacher_views, self.mixing)
         self._position = torch.full((self.ctx.pool_size,), -1, dtype=torch.long)
         self._position[self.kept] = torch.arange(len(self.kept))
+
+    def rest_draw(self, epoch: int) -> torch.Tensor:
+        """The epoch's random draw of the images the selection drops: rest_share of the epoch's images."""
+        assert self.kept is not None
+        share = self.options.rest_share
+        dropped = torch.ones(self.ctx.pool_size, dtype=torch.bool)
+        dropped[self.kept] = False
+        rest = dropped.nonzero().squeeze(1)
+        count = min(len(rest), round(share / (1.0 - share) * len(self.kept)))
+        # Seeded by (seed, epoch), not the global RNG: a resumed run and every rank draw the same images.
+        generator = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + epoch)
+        return rest[torch.randperm(len(rest), generator=generator)[:count]]
 
     def begin_epoch(self, epoch: int) -> EpochPlan:
         if self.kept is None:
@@ -234,7 +261,11 @@ class DFND(Method):
         if self._teacher_logits is None:
             self._prepare_training_views()
         assert self.kept is not None
-        return EpochPlan(indices=self.kept.clone())
+        if self.options.rest_share == 0:
+            return EpochPlan(indices=self.kept.clone())
+        drawn = self.rest_draw(epoch)
+        self.rest_drawn = len(drawn)
+        return EpochPlan(indices=torch.cat([self.kept, drawn]).sort().values)
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
@@ -266,6 +297,7 @@ class DFND(Method):
             "dfnd_kept_per_class": torch.bincount(self.kept_labels, minlength=self.ctx.num_classes).tolist(),
             "dfnd_q_diagonal": float(self.noise.diagonal),
             "dfnd_q_offdiag_max": float(off.max()),
+            **({"dfnd_rest_drawn": self.rest_drawn} if self.options.rest_share > 0 else {}),
             **({} if self.estimated_share is None else {"dfnd_estimated_share": self.estimated_share}),
         }
 
