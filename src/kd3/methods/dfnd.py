@@ -50,7 +50,8 @@ Where kd3 departs from the released code, and why:
   trainable parameters of the method, stepped by the trainer's optimizer with the student.
 - Teacher outputs on the augmented training views come from ``TeacherLogits`` (K fixed views with
   cached logits, or a teacher forward per step with ``teacher_views: 0``), built over the kept
-  images only (over the whole pool with ``rest_share``, whose draws change every epoch). The teacher label of the noise term is the argmax on the same view.
+  images only (over the whole pool with ``rest_share``, whose draws change every epoch). The teacher label of
+  the noise term is the argmax on the same view.
 """
 from __future__ import annotations
 
