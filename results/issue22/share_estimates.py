@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from kd3.data.augment import Normalizer
+from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
 from kd3.paths import cache_dir
@@ -25,11 +26,16 @@ POOLS = [(f"fashion-wild, {f:.0%} irrelevant", "fashion-wild", "default", 20000,
     ("digits-wild, 70 % irrelevant", "digits-wild", "default", 10000, 0.7, "mnist5k-lenet5_bn.pt")]
 
 
+def seed0_pool(builder: str, variant: str, size: int, fraction: float) -> Pool:
+    """One row's pool as the benches build it (seed 0), from kd3's cache."""
+    return load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
+
+
 def teacher_pass(builder: str, variant: str, size: int, fraction: float,
                  teacher: str) -> tuple[np.ndarray, TeacherOutputs, TeacherInfo]:
     """One row of POOLS (seed-0 pool, cached teacher): which images are relevant (provenance, used only to
     measure), the teacher's outputs on the pool, and the teacher's record."""
-    pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
+    pool = seed0_pool(builder, variant, size, fraction)
     net, info = load_teacher(cache_dir() / "teachers" / teacher)
     outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
     return pool.relevant.astype(bool), outputs, info
