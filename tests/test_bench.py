@@ -15,7 +15,7 @@ from kd3.bench import runner
 from kd3.bench.cli import add_bench_parser
 from kd3.bench.records import load_group
 from kd3.bench.runner import RunFailed, Runner, config_digest, resolved_config
-from kd3.bench.spec import ComparisonSpec, groups, load_spec, plan_runs
+from kd3.bench.spec import ComparisonSpec, all_groups, groups, load_spec, plan_runs
 from kd3.bench.tables import write_tables
 from kd3.config import ConfigError, save_config
 from kd3.data.contamination import pool_contamination
@@ -91,6 +91,7 @@ def test_specs_expand_into_the_protocol_runs():
     assert cfg.method["weighting"] == "uniform" and cfg.train.seed == 2 and cfg.train.threads == 1
     sweep = plan_runs(fashion, groups(fashion, sweep=True), ["kd3"], [0])
     assert [resolved_config(r).pool.irrelevant_fraction for r in sweep] == [0.0, 0.25, 0.5, 0.7, 0.9]
+    assert [g.name for g in all_groups(fashion)] == ["runs", *(f"sweep/{v:g}" for v in fashion.sweep.values), "hard"]
     points = plan_runs(fashion, groups(fashion, sweep=True, points=[0.9, 0.0]), ["kd3"], [0])
     assert [resolved_config(r).pool.irrelevant_fraction for r in points] == [0.0, 0.9]  # the spec's order
     with pytest.raises(ConfigError, match=r"sweep point\(s\) 0.8 not among the spec's pool.irrelevant_fraction values"):
@@ -164,11 +165,39 @@ def test_runs_of_another_teacher_are_run_again_and_never_tabled(spec):
     outcome = Runner(spec.results_root, {**STAMP, "teacher_sha256": "bbbb"}, launcher=new_teacher,
                      say=said.append).run(runs[:2])
     assert outcome.ran == 2 and outcome.reused == 0 and len(new_teacher.launched) == 2  # no twin of teacher aaaa
-    assert "2 cached with another teacher: run again" in said[0]
+    assert "(cached 2 with another teacher: run again)" in said[0]
     tabled = load_group(spec.results_root, "runs", "bbbb")
     assert sum(len(seeds) for seeds in tabled.values()) == 2
     assert all(r["teacher_sha256"] == "bbbb" for seeds in tabled.values() for r in seeds.values())
     assert sum(len(seeds) for seeds in load_group(spec.results_root, "runs").values()) == 4
+
+
+def test_a_record_whose_row_changed_settings_since_is_run_again(spec):
+    runs = plan_runs(spec, groups(spec), ["blind_kd", "kd3"], [0])
+    Runner(spec.results_root, STAMP, launcher=FakeLaunch(), say=lambda text: None).run(runs)
+    blind, kd3 = runs
+    # The kd3 row now keeps another share, and blind KD's record was written before kd3 had train.warmup_epochs.
+    changed = replace(kd3, overrides=("method.keep_fraction=0.5", *kd3.overrides))
+    record = json.loads(blind.record.read_text())
+    del record["config"]["train"]["warmup_epochs"]
+    blind.record.write_text(json.dumps(record))
+    assert runner.changed_settings(record, resolved_config(blind)) == []  # gained since, at its default: the same run
+    assert runner.changed_settings(json.loads(kd3.record.read_text()), resolved_config(changed)) == ["method.keep_fraction"]
+    warm = replace(blind, overrides=("train.warmup_epochs=1", *blind.overrides))
+    assert runner.changed_settings(record, resolved_config(warm)) == ["train.warmup_epochs"]
+    # A method option named on one side only is compared with the method's default (KD³'s sharing: map).
+    named = json.loads(kd3.record.read_text())
+    named["config"]["method"]["sharing"] = "map"
+    assert "sharing" not in resolved_config(kd3).method and runner.changed_settings(named, resolved_config(kd3)) == []
+    named["config"]["method"]["sharing"] = "pooled"
+    assert runner.changed_settings(named, resolved_config(kd3)) == ["method.sharing"]
+    assert runner.stale_records([blind, changed]) == ["kd3 seed 0: method.keep_fraction"]  # what --tables-only warns of
+    said: list[str] = []
+    again = FakeLaunch()
+    outcome = Runner(spec.results_root, STAMP, launcher=again, say=said.append).run([blind, changed])
+    assert again.launched == [("runs", "kd3", 0, None)] and outcome.cached == 1 and outcome.ran == 1
+    assert "(cached 1 with other settings (method.keep_fraction): run again)" in said[0]
+    assert json.loads(kd3.record.read_text())["config"]["method"]["keep_fraction"] == 0.5
 
 
 def test_tables_list_every_row_and_pair_differences_by_seed(spec):

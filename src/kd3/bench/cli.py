@@ -83,7 +83,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> None:
     from kd3.bench import runner, tables
-    from kd3.bench.spec import groups, load_spec, plan_runs
+    from kd3.bench.spec import all_groups, groups, load_spec, plan_runs
     from kd3.engine.logging import print_table
 
     if args.name == "scale":
@@ -108,6 +108,10 @@ def run(args: argparse.Namespace) -> None:
     for table in tables.write_tables(spec, args.seeds):
         print_table(*tables.compact(table))
     print(f"wrote {spec.results_dir}/{spec.name}.md, .json and -bars.png")
+    stale = runner.stale_records(plan_runs(spec, all_groups(spec), None, args.seeds))
+    if stale:
+        print(f"warning: {len(stale)} tabled record(s) ran with other settings than their rows have now, e.g. "
+              f"{stale[0]}; run the bench (not --tables-only) to run them again", file=sys.stderr)
     if failed:
         print("failed runs (fix and rerun the same command; finished runs are kept):\n"
               + "\n".join(failed), file=sys.stderr)

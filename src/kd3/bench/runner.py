@@ -1,13 +1,16 @@
 """Run every (group, row, seed) of a bench as a ``kd3 distill`` subprocess and cache its summary.
 
-A run is finished when its JSON exists, and nothing finished is ever run again, so resuming a
-bench is running the same command again. A run cut short is continued from its last.pt
-(``kd3 distill --resume``) when it has one with the same settings, else started afresh.
+A run is finished when its JSON exists with the row's teacher and settings, and nothing finished is ever run
+again, so resuming a bench is running the same command again; a record whose row has changed since (another
+teacher, or settings that compute something else) is run again (``--tables-only`` warns of it). A run cut short
+is continued from its last.pt (``kd3 distill --resume``) when it has one with the same settings, else started
+afresh.
 Subprocesses, not threads: ``--jobs N`` then trains N single-thread runs on N cores, which on a
 small CPU is much faster than one run with N threads.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,11 +48,54 @@ def resolved_config(run: Run) -> DistillConfig:
     return load_config(DistillConfig, run.config, list(run.overrides))
 
 
+NOT_COMPUTED = ("name", "output_dir", "progress")  # settings that do not change what a run computes
+
+
 def config_digest(cfg: DistillConfig) -> str:
     """What a run computes. Its name, output folder and progress bars do not change the result, so
     e.g. the sweep point at the default fraction reuses the main table's runs instead of repeating them."""
-    values = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "output_dir", "progress")}
+    values = {k: v for k, v in to_dict(cfg).items() if k not in NOT_COMPUTED}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if prefix or key not in NOT_COMPUTED:
+            flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _defaults(method: str) -> dict[str, Any]:
+    """Every setting's default, dotted, with the options of ``method`` (a config names only what it sets)."""
+    import kd3.methods  # noqa: F401  (registers every method)
+    from kd3.methods import METHODS
+
+    options = METHODS[method].Options() if method in METHODS else None
+    return _flat({**to_dict(DistillConfig()),
+                  "method": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}})
+
+
+def changed_settings(record: dict[str, Any], cfg: DistillConfig) -> list[str]:
+    """The settings (dotted keys) in which a cached record's run differs from what its row resolves to now.
+
+    A setting named on one side only is compared with its default (a section key kd3's config gained after the
+    record was written; a method option the row stopped or started naming), so only what changes the computation
+    counts; name, output folder and progress bars never do."""
+    now, then = _flat(to_dict(cfg)), _flat(record.get("config") or {})
+    defaults = _defaults(cfg.method.get("name", ""))
+    return sorted(key for key in set(now) | set(then)
+                  if now.get(key, defaults.get(key)) != then.get(key, defaults.get(key)))
+
+
+def stale_records(runs: list[Run]) -> list[str]:
+    """``"<run>: <settings>"`` for each of these runs whose cached record ran with other settings than its row's now."""
+    stale = []
+    for run in runs:
+        changed = changed_settings(read_json(run.record), resolved_config(run)) if run.record.is_file() else []
+        if changed:
+            stale.append(f"{run.label}: {', '.join(changed)}")
+    return stale
 
 
 def distill_command(run: Run, resume: Path | None) -> list[str]:
@@ -241,14 +287,23 @@ class Runner:
     def run(self, runs: list[Run], jobs: int = 1) -> Outcome:
         """Bring every run to a cached record; ``jobs`` runs at a time."""
         teacher = self.stamp.get("teacher_sha256")
-        pending = [run for run in runs if not (run.record.is_file() and same_teacher(read_json(run.record), teacher))]
+        other_teacher, other_settings, pending = 0, set(), []
+        for run in runs:
+            record = read_json(run.record) if run.record.is_file() else None
+            changed = changed_settings(record, resolved_config(run)) if record is not None else []
+            other_teacher += record is not None and not same_teacher(record, teacher)
+            other_settings.update(changed if record is not None and same_teacher(record, teacher) else ())
+            if record is None or not same_teacher(record, teacher) or changed:
+                pending.append(run)
         stale = sum(run.record.is_file() for run in pending)
         self.outcome = Outcome(cached=len(runs) - len(pending))
         self.total, self.done, self.started = len(pending), 0, time.perf_counter()
         self.twins = {record.get("config_digest"): path for path, record in all_records(self.results_root)
                       if same_teacher(record, teacher)}
+        why = [f"{other_teacher} with another teacher"] if other_teacher else []
+        why += [f"{stale - other_teacher} with other settings ({', '.join(sorted(other_settings))})"] if other_settings else []
         self.say(f"{len(runs)} runs: {self.outcome.cached} cached, {len(pending)} to do, {jobs} at a time"
-                 + (f" ({stale} cached with another teacher: run again)" if stale else ""))
+                 + (f" (cached {', '.join(why)}: run again)" if stale else ""))
         if jobs <= 1:  # in order, in this thread: an interruption leaves exactly the finished ones
             for run in pending:
                 self._one(run)

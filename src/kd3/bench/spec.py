@@ -163,6 +163,13 @@ def groups(spec: BenchSpec, sweep: bool = False, hard: bool = False,
     return chosen
 
 
+def all_groups(spec: BenchSpec) -> list[Group]:
+    """The main table's group and every pool variation the spec defines."""
+    variants = groups(spec, sweep=True, hard=spec.hard is not None) if spec.sweep else (
+        groups(spec, hard=True) if spec.hard else [])
+    return groups(spec) + variants
+
+
 def sweep_group(value: float) -> str:
     return f"sweep/{value:g}"
 
