@@ -7,7 +7,7 @@ junk, each junk source against all the relevant images, and the teacher's accura
 from __future__ import annotations
 
 import numpy as np
-from share_estimates import POOLS, seed0_pool, teacher_pass
+from share_estimates import POOLS, teacher_on_pool
 
 from kd3.diagnose.metrics import auroc
 from kd3.scores import compute_score
@@ -22,8 +22,8 @@ def main() -> None:
     for label, builder, variant, size, fraction, teacher in POOLS:
         if not label.startswith(("fashion-wild hard", "digits-wild")):
             continue
-        pool = seed0_pool(builder, variant, size, fraction)
-        relevant, outputs, _ = teacher_pass(builder, variant, size, fraction, teacher)
+        pool, _, _, outputs, _ = teacher_on_pool(builder, variant, size, fraction, teacher)
+        relevant = pool.relevant.astype(bool)
         score = compute_score("bn_grid_maha", outputs).double().numpy()
         correct = outputs.logits.argmax(1).numpy() == pool.true_label
         # Relevant images from one source are split by style, from several by source; junk always by source.

@@ -14,14 +14,11 @@ measure) on fashion-wild's sweep, its hard variant and digits-wild. The default 
 from __future__ import annotations
 
 import torch
-from share_estimates import POOLS  # noqa: E402  (run from this folder's script path)
+from share_estimates import POOLS, teacher_on_pool  # noqa: E402  (run from this folder's script path)
 
 from kd3.data.augment import Normalizer
-from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
-from kd3.paths import cache_dir
-from kd3.scores import cached_teacher_outputs, compute_score, fitted
-from kd3.teacher import load_teacher
+from kd3.scores import compute_score, fitted
 
 FIRST_LAYER_DIM = 24  # lenet5_bn: 6 channels × 2×2 grid cells before the second BatchNorm's 16 × 4
 
@@ -89,10 +86,7 @@ def main() -> None:
     for label, builder, variant, size, fraction, teacher in POOLS:
         if fraction == 0.0:
             continue  # no junk: AUROC undefined
-        pool = load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
-        net, info = load_teacher(cache_dir() / "teachers" / teacher)
-        normalize = Normalizer(tuple(info.mean), tuple(info.std))
-        outputs = cached_teacher_outputs(pool, net, normalize, cache_dir())
+        pool, net, normalize, outputs, _ = teacher_on_pool(builder, variant, size, fraction, teacher)
         relevant = pool.relevant.astype(bool)
         columns.append(label)
         for name, score in candidates(net, pool, outputs, normalize).items():

@@ -14,6 +14,7 @@ from kd3.data.augment import Normalizer
 from kd3.data.pool import Pool
 from kd3.data.pools import load_or_build_pool
 from kd3.diagnose.metrics import auroc
+from kd3.models.base import Net
 from kd3.paths import cache_dir
 from kd3.scores import cached_teacher_outputs, compute_score, fitted
 from kd3.scores.outputs import TeacherOutputs
@@ -31,13 +32,21 @@ def seed0_pool(builder: str, variant: str, size: int, fraction: float) -> Pool:
     return load_or_build_pool(builder, cache_dir(), size=size, irrelevant_fraction=fraction, variant=variant, seed=0)
 
 
-def teacher_pass(builder: str, variant: str, size: int, fraction: float,
-                 teacher: str) -> tuple[np.ndarray, TeacherOutputs, TeacherInfo]:
-    """One row of POOLS (seed-0 pool, cached teacher): which images are relevant (provenance, used only to
-    measure), the teacher's outputs on the pool, and the teacher's record."""
+def teacher_on_pool(builder: str, variant: str, size: int, fraction: float,
+                    teacher: str) -> tuple[Pool, Net, Normalizer, TeacherOutputs, TeacherInfo]:
+    """One row of POOLS: its seed-0 pool, the cached teacher with its input normalisation, the teacher's
+    outputs on the pool (cached) and its record."""
     pool = seed0_pool(builder, variant, size, fraction)
     net, info = load_teacher(cache_dir() / "teachers" / teacher)
-    outputs = cached_teacher_outputs(pool, net, Normalizer(tuple(info.mean), tuple(info.std)), cache_dir())
+    normalize = Normalizer(tuple(info.mean), tuple(info.std))
+    return pool, net, normalize, cached_teacher_outputs(pool, net, normalize, cache_dir()), info
+
+
+def teacher_pass(builder: str, variant: str, size: int, fraction: float,
+                 teacher: str) -> tuple[np.ndarray, TeacherOutputs, TeacherInfo]:
+    """One row of POOLS: which images are relevant (provenance, used only to measure), the teacher's outputs
+    on the pool, and the teacher's record."""
+    pool, _, _, outputs, info = teacher_on_pool(builder, variant, size, fraction, teacher)
     return pool.relevant.astype(bool), outputs, info
 
 
