@@ -160,6 +160,21 @@ def test_dfnd_rest_share_takes_every_dropped_image_when_there_are_too_few():
     assert len(method.begin_epoch(0).indices) == 20  # 18 kept, asks 18 more, only 2 dropped
 
 
+def test_dfnd_whole_pool_epochs_train_on_every_image_before_the_selection():
+    ctx = make_context(BNNet().eval(), random_images(40))
+    ctx.batch_size = 4
+    options = DFNDOptions(keep_fraction=0.5, whole_pool_epochs=2)
+    method = DFND(BNNet(), ctx, options)
+    plans = [method.begin_epoch(epoch).indices for epoch in range(4)]
+    kept = DFND(BNNet(), ctx, dataclasses.replace(options, whole_pool_epochs=0)).begin_epoch(0).indices
+    assert [p.tolist() for p in plans[:2]] == [list(range(40))] * 2
+    assert [p.tolist() for p in plans[2:]] == [kept.tolist()] * 2 and len(kept) == 20
+    dropped = torch.tensor(sorted(set(range(40)) - set(kept.tolist()))[:4])
+    assert torch.isfinite(method.training_step(Batch(indices=dropped, images=ctx.images[dropped]))["kd"])
+    with pytest.raises(ValueError, match="whole_pool_epochs must be 0 or more, got -1"):
+        DFND(BNNet(), ctx, DFNDOptions(whole_pool_epochs=-1))
+
+
 @pytest.mark.parametrize("share", [-0.1, 1.0])
 def test_dfnd_rejects_a_rest_share_outside_0_1(share):
     ctx = make_context(BNNet().eval(), random_images(10))

@@ -26,7 +26,9 @@ Data-Free Noisy Distillation, as in the paper and the authors' released script
    trains on the kept images plus a fresh random draw of the dropped ones, sized so that the draw is
    ``rest_share`` of the epoch's images (all of them when there are fewer), so a pool whose "junk" still
    teaches the student is not cut off from it. The draw is a function of (seed, epoch), so a resumed run
-   and every rank draw the same images.
+   and every rank draw the same images. ``whole_pool_epochs`` (a kd3 addition, issue 22) trains the first
+   N epochs on the whole pool, as blind KD does, and only then on the kept images: features learnt from
+   everything first, the selection's focus after.
 2. **Training** on the kept images (and the epoch's draw) with
    L = KD_T(z_S, z_T) + noise_weight · NLL(log(Qᵀ softmax(z_S)), argmax z_T)
    where Q (K×K) is a noise-adaptation (class-transition) matrix, Q_ik = P(teacher says k | true
@@ -50,7 +52,7 @@ Where kd3 departs from the released code, and why:
   trainable parameters of the method, stepped by the trainer's optimizer with the student.
 - Teacher outputs on the augmented training views come from ``TeacherLogits`` (K fixed views with
   cached logits, or a teacher forward per step with ``teacher_views: 0``), built over the kept
-  images only (over the whole pool with ``rest_share``, whose draws change every epoch). The teacher label of
+  images only (over the whole pool with ``rest_share`` or ``whole_pool_epochs``). The teacher label of
   the noise term is the argmax on the same view.
 """
 from __future__ import annotations
@@ -88,6 +90,7 @@ class DFNDOptions:
     favoured_only: bool = False
     # share of each epoch's images drawn afresh from those the selection drops (a floor under their weight; 0: none)
     rest_share: float = 0.0
+    whole_pool_epochs: int = 0  # the first N epochs train on the whole pool, the rest on the selection
     score: str = "cross_entropy"  # cross_entropy (paper), or a kd3.scores name (max_softmax: same ranking)
     temperature: float = 4.0  # KD temperature (released code: 4)
     noise_weight: float = 1.0  # weight of the noise-adaptation term (released code: 1)
@@ -174,6 +177,8 @@ class DFND(Method):
         if not 0.0 <= options.rest_share < 1.0:
             raise ValueError(f"DFND rest_share must lie in [0, 1), got {options.rest_share}: the share of each "
                              "epoch's images drawn from those the selection drops (0 trains on the kept ones only)")
+        if options.whole_pool_epochs < 0:
+            raise ValueError(f"DFND whole_pool_epochs must be 0 or more, got {options.whole_pool_epochs}")
         if options.keep is not None and options.keep < 1:
             raise ValueError(f"DFND keep must be at least 1, got {options.keep}")
         if options.accuracy_from not in ACCURACY_SOURCES:
@@ -235,7 +240,7 @@ class DFND(Method):
 
     def _prepare_training_views(self) -> None:
         assert self.kept is not None
-        if self.options.rest_share > 0:
+        if self.options.rest_share > 0 or self.options.whole_pool_epochs > 0:
             self._teacher_logits = TeacherLogits(self.ctx, self.options.teacher_views, self.mixing)
             self._position = torch.arange(self.ctx.pool_size)
             return
@@ -262,6 +267,8 @@ class DFND(Method):
         if self._teacher_logits is None:
             self._prepare_training_views()
         assert self.kept is not None
+        if epoch < self.options.whole_pool_epochs:
+            return EpochPlan(indices=torch.arange(self.ctx.pool_size))
         if self.options.rest_share == 0:
             return EpochPlan(indices=self.kept.clone())
         drawn = self.rest_draw(epoch)
