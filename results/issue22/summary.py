@@ -29,7 +29,6 @@ ROWS = [("recommended-fixed30", "issue-11 recipe (fixed 30 %)"), ("recommended-r
         ("recommended-rest20", "the recipe + 20 % of each epoch drawn from the dropped images (rest_share 0.2)"),
         ("recommended-whole2", "the recipe after 2 epochs on the whole pool (whole_pool_epochs 2)"),
         ("recommended-whole5", "the recipe after 5 epochs on the whole pool (whole_pool_epochs 5)"),
-        ("recommended-whole5-nowarm", "the recipe after 5 epochs on the whole pool, no warmup"),
         ("blind_kd-warm", "blind KD with lr warmup (1 epoch)"), ("oracle", "oracle")]
 PROBES = [("fashion-wild 0.9", "fashion-wild/runs/recommended-keep15-at90", "fashion-wild/sweep/0.9", "fixed 15 % (probe)"),
           ("digits-wild", "digits-wild/runs/recommended-keep60", "digits-wild/runs", "fixed 60 % (probe)"),
