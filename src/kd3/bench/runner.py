@@ -66,8 +66,10 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@lru_cache(maxsize=None)
 def _defaults(method: str) -> dict[str, Any]:
-    """Every setting's default, dotted, with the options of ``method`` (a config names only what it sets)."""
+    """Every setting's default, dotted, with the options of ``method`` (a config names only what it sets).
+    Cached per method: a bench compares every one of its records; callers only read the dict."""
     import kd3.methods  # noqa: F401  (registers every method)
     from kd3.methods import METHODS
 
@@ -287,23 +289,27 @@ class Runner:
     def run(self, runs: list[Run], jobs: int = 1) -> Outcome:
         """Bring every run to a cached record; ``jobs`` runs at a time."""
         teacher = self.stamp.get("teacher_sha256")
-        other_teacher, other_settings, pending = 0, set(), []
+        pending: list[Run] = []
+        other_teacher = other_settings = 0
+        changed_keys: set[str] = set()
         for run in runs:
             record = read_json(run.record) if run.record.is_file() else None
-            changed = changed_settings(record, resolved_config(run)) if record is not None else []
-            other_teacher += record is not None and not same_teacher(record, teacher)
-            other_settings.update(changed if record is not None and same_teacher(record, teacher) else ())
-            if record is None or not same_teacher(record, teacher) or changed:
-                pending.append(run)
-        stale = sum(run.record.is_file() for run in pending)
+            if record is not None and not same_teacher(record, teacher):
+                other_teacher += 1
+            elif record is not None and (changed := changed_settings(record, resolved_config(run))):
+                other_settings += 1
+                changed_keys.update(changed)
+            elif record is not None:
+                continue  # finished with this teacher and these settings
+            pending.append(run)
         self.outcome = Outcome(cached=len(runs) - len(pending))
         self.total, self.done, self.started = len(pending), 0, time.perf_counter()
         self.twins = {record.get("config_digest"): path for path, record in all_records(self.results_root)
                       if same_teacher(record, teacher)}
         why = [f"{other_teacher} with another teacher"] if other_teacher else []
-        why += [f"{stale - other_teacher} with other settings ({', '.join(sorted(other_settings))})"] if other_settings else []
+        why += [f"{other_settings} with other settings ({', '.join(sorted(changed_keys))})"] if other_settings else []
         self.say(f"{len(runs)} runs: {self.outcome.cached} cached, {len(pending)} to do, {jobs} at a time"
-                 + (f" (cached {', '.join(why)}: run again)" if stale else ""))
+                 + (f" (cached {', '.join(why)}: run again)" if why else ""))
         if jobs <= 1:  # in order, in this thread: an interruption leaves exactly the finished ones
             for run in pending:
                 self._one(run)

@@ -165,9 +165,8 @@ def groups(spec: BenchSpec, sweep: bool = False, hard: bool = False,
 
 def all_groups(spec: BenchSpec) -> list[Group]:
     """The main table's group and every pool variation the spec defines."""
-    variants = groups(spec, sweep=True, hard=spec.hard is not None) if spec.sweep else (
-        groups(spec, hard=True) if spec.hard else [])
-    return groups(spec) + variants
+    has_variants = spec.sweep is not None or spec.hard is not None
+    return groups(spec) + (groups(spec, sweep=spec.sweep is not None, hard=spec.hard is not None) if has_variants else [])
 
 
 def sweep_group(value: float) -> str:
